@@ -1,0 +1,23 @@
+//! `flotilla-core`: the pure domain of Flotilla — no I/O, no async, no clock.
+//!
+//! Everything here is a function from values to values, so it is the easiest code in the
+//! project to test and the one most worth testing. Time and randomness, where a later policy
+//! needs them, come in as arguments.
+//!
+//! Layout:
+//! - [`ids`]: typed identifiers ([`ProjectId`], [`BuildId`], [`JobId`], [`CellId`],
+//!   [`PoolName`]) and the per-job counters [`Attempt`] and [`Fence`].
+//! - [`pipeline`]: the `.ci.yaml` v1 spec — parsing with limits, validation with
+//!   `file:line:col` diagnostics, matrix expansion, triggers and the `if:` expression language.
+//! - [`dag`]: job graphs — cycle detection, topological stages, which jobs are ready.
+//! - [`job`]: the job lifecycle of ARCHITECTURE §6 as an explicit transition table, the failure
+//!   taxonomy and the retry decision.
+//! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
+
+pub mod dag;
+pub mod ids;
+pub mod job;
+pub mod pipeline;
+pub mod suggest;
+
+pub use ids::{Attempt, BuildId, CellId, Fence, IdError, JobId, PoolName, ProjectId};
