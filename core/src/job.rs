@@ -552,7 +552,10 @@ mod tests {
 
     fn run_to_running(job: &mut JobRun, fence: u64) {
         job.apply(placed(fence)).unwrap();
-        job.apply(JobEvent::Started { fence: Fence(fence) }).unwrap();
+        job.apply(JobEvent::Started {
+            fence: Fence(fence),
+        })
+        .unwrap();
     }
 
     #[test]
@@ -642,7 +645,10 @@ mod tests {
 
     #[test]
     fn timeouts_cancellations_and_config_errors_are_never_retried() {
-        let generous = RetryPolicy { infra: 10, test: 10 };
+        let generous = RetryPolicy {
+            infra: 10,
+            test: 10,
+        };
         for class in [
             FailureClass::Timeout,
             FailureClass::Cancelled,
@@ -728,10 +734,7 @@ mod tests {
             Just(FailureClass::Cancelled),
             Just(FailureClass::Config),
         ];
-        let outcome = prop_oneof![
-            Just(Outcome::Succeeded),
-            class.prop_map(Outcome::Failed)
-        ];
+        let outcome = prop_oneof![Just(Outcome::Succeeded), class.prop_map(Outcome::Failed)];
         prop_oneof![
             Just(JobEvent::DepsSatisfied),
             (0u64..20).prop_map(placed),

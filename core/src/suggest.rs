@@ -33,7 +33,10 @@ mod tests {
 
     #[test]
     fn suggests_the_closest_key_for_a_transposition() {
-        assert_eq!(did_you_mean("imgae", ["image", "needs", "steps"]), Some("image"));
+        assert_eq!(
+            did_you_mean("imgae", ["image", "needs", "steps"]),
+            Some("image")
+        );
         assert_eq!(did_you_mean("biuld", ["build", "test"]), Some("build"));
     }
 

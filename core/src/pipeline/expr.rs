@@ -154,7 +154,10 @@ impl Expr {
             depth: 0,
         };
         if p.peek().tok == Tok::End {
-            return Err(ExprError::new(0, "empty expression; write a condition such as `branch == 'main'`"));
+            return Err(ExprError::new(
+                0,
+                "empty expression; write a condition such as `branch == 'main'`",
+            ));
         }
         let e = p.or()?;
         let t = p.peek();
@@ -289,9 +292,24 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
             '&' if two('&') => Tok::AndAnd,
             '|' if two('|') => Tok::OrOr,
             '!' => Tok::Bang,
-            '=' => return Err(ExprError::new(at, "`=` is not an operator; compare with `==`")),
-            '&' => return Err(ExprError::new(at, "`&` is not an operator; use `&&` for \"and\"")),
-            '|' => return Err(ExprError::new(at, "`|` is not an operator; use `||` for \"or\"")),
+            '=' => {
+                return Err(ExprError::new(
+                    at,
+                    "`=` is not an operator; compare with `==`",
+                ));
+            }
+            '&' => {
+                return Err(ExprError::new(
+                    at,
+                    "`&` is not an operator; use `&&` for \"and\"",
+                ));
+            }
+            '|' => {
+                return Err(ExprError::new(
+                    at,
+                    "`|` is not an operator; use `||` for \"or\"",
+                ));
+            }
             '\'' | '"' => {
                 // A quote inside a string is written twice: 'it''s'.
                 let mut s = String::new();
@@ -316,30 +334,50 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
                     }
                 }
                 i = j + 1;
-                out.push(Token { tok: Tok::Str(s), at });
+                out.push(Token {
+                    tok: Tok::Str(s),
+                    at,
+                });
                 continue;
             }
-            c if c.is_ascii_digit() || (c == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
+            c if c.is_ascii_digit()
+                || (c == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) =>
+            {
                 let mut j = i + 1;
-                while chars.get(j).is_some_and(|c| c.is_ascii_digit() || *c == '.') {
+                while chars
+                    .get(j)
+                    .is_some_and(|c| c.is_ascii_digit() || *c == '.')
+                {
                     j += 1;
                 }
                 let text: String = chars[i..j].iter().collect();
                 let n = text.parse::<f64>().map_err(|_| {
-                    ExprError::new(at, format!("`{text}` is not a number; write numbers like 3 or 1.5"))
+                    ExprError::new(
+                        at,
+                        format!("`{text}` is not a number; write numbers like 3 or 1.5"),
+                    )
                 })?;
                 i = j;
-                out.push(Token { tok: Tok::Num(n), at });
+                out.push(Token {
+                    tok: Tok::Num(n),
+                    at,
+                });
                 continue;
             }
             c if c.is_ascii_alphabetic() || c == '_' => {
                 let mut j = i + 1;
-                while chars.get(j).is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-') {
+                while chars
+                    .get(j)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                {
                     j += 1;
                 }
                 let word: String = chars[i..j].iter().collect();
                 i = j;
-                out.push(Token { tok: Tok::Ident(word), at });
+                out.push(Token {
+                    tok: Tok::Ident(word),
+                    at,
+                });
                 continue;
             }
             other => {
@@ -349,7 +387,11 @@ fn lex(src: &str) -> Result<Vec<Token>, ExprError> {
                 ));
             }
         };
-        i += if matches!(tok, Tok::EqEq | Tok::NotEq | Tok::AndAnd | Tok::OrOr) { 2 } else { 1 };
+        i += if matches!(tok, Tok::EqEq | Tok::NotEq | Tok::AndAnd | Tok::OrOr) {
+            2
+        } else {
+            1
+        };
         out.push(Token { tok, at });
     }
     out.push(Token {
@@ -504,7 +546,10 @@ impl Parser {
             if hint.is_empty() {
                 hint = "; the functions are startsWith, contains and hash".into();
             }
-            return Err(ExprError::new(at, format!("unknown function `{name}`{hint}")));
+            return Err(ExprError::new(
+                at,
+                format!("unknown function `{name}`{hint}"),
+            ));
         };
         let open = self.bump();
         self.enter(open.at)?;
@@ -667,7 +712,10 @@ mod tests {
 
     impl Context for Vars {
         fn var(&self, path: &[String]) -> Value {
-            self.0.get(path.join(".").as_str()).cloned().unwrap_or(Value::Null)
+            self.0
+                .get(path.join(".").as_str())
+                .cloned()
+                .unwrap_or(Value::Null)
         }
     }
 
@@ -687,8 +735,14 @@ mod tests {
     fn conditions_evaluate_as_written() {
         let main = push_to("main");
         assert_eq!(eval("branch == 'main'", &main), Value::Bool(true));
-        assert_eq!(eval("branch != 'main' || event == 'push'", &main), Value::Bool(true));
-        assert_eq!(eval("!(event == 'tag') && startsWith(branch, 'ma')", &main), Value::Bool(true));
+        assert_eq!(
+            eval("branch != 'main' || event == 'push'", &main),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            eval("!(event == 'tag') && startsWith(branch, 'ma')", &main),
+            Value::Bool(true)
+        );
         assert_eq!(eval("contains(matrix.os, 'nux')", &main), Value::Bool(true));
         assert_eq!(eval("tag", &main), Value::Null);
         assert_eq!(eval("tag == ''", &main), Value::Bool(false));
@@ -700,7 +754,10 @@ mod tests {
     fn and_binds_tighter_than_or() {
         let ctx = push_to("dev");
         // true || (false && false)
-        assert_eq!(eval("event == 'push' || branch == 'main' && false", &ctx), Value::Bool(true));
+        assert_eq!(
+            eval("event == 'push' || branch == 'main' && false", &ctx),
+            Value::Bool(true)
+        );
     }
 
     #[test]
@@ -715,7 +772,10 @@ mod tests {
 
         let err = Expr::parse("startswith(branch, 'v')").unwrap_err();
         assert_eq!(err.offset, 0);
-        assert_eq!(err.message, "unknown function `startswith`; did you mean `startsWith`?");
+        assert_eq!(
+            err.message,
+            "unknown function `startswith`; did you mean `startsWith`?"
+        );
 
         let err = Expr::parse("(branch == 'main'").unwrap_err();
         assert_eq!(err.offset, 17);

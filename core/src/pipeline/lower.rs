@@ -50,7 +50,11 @@ struct Lower<'a> {
     diags: Vec<Diagnostic>,
 }
 
-pub(super) fn lower(file: &str, source: &str, raw: RawPipeline) -> Result<Pipeline, Vec<Diagnostic>> {
+pub(super) fn lower(
+    file: &str,
+    source: &str,
+    raw: RawPipeline,
+) -> Result<Pipeline, Vec<Diagnostic>> {
     let mut cx = Lower {
         file,
         source,
@@ -102,7 +106,8 @@ impl Lower<'_> {
         if before.contains('\n') {
             return self.at(loc, message);
         }
-        self.diags.push(Diagnostic::at(self.file, loc, shift + offset, message));
+        self.diags
+            .push(Diagnostic::at(self.file, loc, shift + offset, message));
     }
 
     fn pipeline(&mut self, raw: RawPipeline) -> Pipeline {
@@ -122,7 +127,10 @@ impl Lower<'_> {
         let concurrency = raw.concurrency.as_ref().map(|c| {
             let group = &c.value.group;
             if group.value.trim().is_empty() {
-                self.at(group.referenced, "`concurrency.group` is empty; name the group, for example `${{ ref }}`");
+                self.at(
+                    group.referenced,
+                    "`concurrency.group` is empty; name the group, for example `${{ ref }}`",
+                );
             }
             let scope = Scope {
                 field: "`concurrency.group`",
@@ -144,7 +152,10 @@ impl Lower<'_> {
 
         let jobs = &raw.jobs;
         if jobs.value.is_empty() {
-            self.at(jobs.referenced, "the pipeline has no jobs; add at least one under `jobs:`");
+            self.at(
+                jobs.referenced,
+                "the pipeline has no jobs; add at least one under `jobs:`",
+            );
         }
         let keys: Vec<String> = jobs.value.keys().map(|k| k.value.clone()).collect();
         let mut expanded = Vec::new();
@@ -243,7 +254,10 @@ impl Lower<'_> {
                 } else {
                     format!("; list `{rest}` under `{what}_ignore` instead")
                 };
-                self.at(p.referenced, format!("`!` negation is not supported in `{what}`{hint}"));
+                self.at(
+                    p.referenced,
+                    format!("`!` negation is not supported in `{what}`{hint}"),
+                );
             } else if p.value.is_empty() {
                 self.at(p.referenced, format!("empty pattern in `{what}`; remove it or write a glob such as `main` or `src/**`"));
             } else if let Err(e) = trigger::compile(&p.value) {
@@ -270,7 +284,9 @@ impl Lower<'_> {
             return base;
         };
         if let Some(t) = &d.timeout {
-            base.timeout_secs = self.duration(t, MAX_TIMEOUT_SECS).unwrap_or(base.timeout_secs);
+            base.timeout_secs = self
+                .duration(t, MAX_TIMEOUT_SECS)
+                .unwrap_or(base.timeout_secs);
         }
         if let Some(r) = &d.resources {
             base.resources = self.resources(&r.value, base.resources);
@@ -279,7 +295,7 @@ impl Lower<'_> {
             base.retry = self.retry(&r.value, base.retry);
         }
         if let Some(p) = &d.placement {
-            base.placement = self.placement(&p.value, &base.placement);
+            base.placement = self.placement(&p.value, &base.placement, None);
         }
         base
     }
@@ -314,8 +330,12 @@ impl Lower<'_> {
         };
 
         // Parse every template once; failures are reported once, not per combination.
-        let image_src = job.image.as_ref().or(defaults.and_then(|d| d.image.as_ref()));
-        let image = image_src.and_then(|s| self.template(s, scope("`image`", false)).map(|t| (s, t)));
+        let image_src = job
+            .image
+            .as_ref()
+            .or(defaults.and_then(|d| d.image.as_ref()));
+        let image =
+            image_src.and_then(|s| self.template(s, scope("`image`", false)).map(|t| (s, t)));
         if image_src.is_none() {
             self.at(
                 key.referenced,
@@ -337,17 +357,28 @@ impl Lower<'_> {
             (k, paths)
         });
         let artifacts = job.artifacts.as_ref().map(|a| {
-            let paths = self.paths(&a.value.paths, "artifacts", scope("`artifacts.paths`", false));
+            let paths = self.paths(
+                &a.value.paths,
+                "artifacts",
+                scope("`artifacts.paths`", false),
+            );
             let expire = match &a.value.expire_in {
-                Some(e) => self.duration(e, MAX_EXPIRE_SECS).unwrap_or(DEFAULT_EXPIRE_SECS),
+                Some(e) => self
+                    .duration(e, MAX_EXPIRE_SECS)
+                    .unwrap_or(DEFAULT_EXPIRE_SECS),
                 None => DEFAULT_EXPIRE_SECS,
             };
             (paths, expire)
         });
-        let condition = job.condition.as_ref().and_then(|c| self.condition(c, axes_opt));
+        let condition = job
+            .condition
+            .as_ref()
+            .and_then(|c| self.condition(c, axes_opt));
 
         let timeout_secs = match &job.timeout {
-            Some(t) => self.duration(t, MAX_TIMEOUT_SECS).unwrap_or(base.timeout_secs),
+            Some(t) => self
+                .duration(t, MAX_TIMEOUT_SECS)
+                .unwrap_or(base.timeout_secs),
             None => base.timeout_secs,
         };
         let resources = match &job.resources {
@@ -359,15 +390,27 @@ impl Lower<'_> {
             None => base.retry,
         };
         let placement = match &job.placement {
-            Some(p) => self.placement(&p.value, &base.placement),
+            Some(p) => self.placement(&p.value, &base.placement, axes_opt),
             None => base.placement.clone(),
         };
         let secrets = self.secrets(job);
 
-        combos
-            .into_iter()
-            .map(|combo| {
-                let ctx = MatrixOnly(&combo.values);
+        let mut specs = Vec::with_capacity(combos.len());
+        for combo in combos {
+            let ctx = MatrixOnly(&combo.values);
+            let mut placement = placement.clone();
+            for (label, value) in &mut placement.labels {
+                if value.contains("${{") {
+                    let rendered = Template::parse(value)
+                        .map(|t| t.render(&ctx))
+                        .unwrap_or_default();
+                    if !is_label_value(&rendered) || rendered.is_empty() {
+                        self.at(key.referenced, format!("job `{name}` sets label `{label}` to `{rendered}` for one matrix combination, which is not a valid label value; use at most 63 letters, digits, `-`, `_` and `.`"));
+                    }
+                    *value = rendered;
+                }
+            }
+            specs.push({
                 let render = |t: &Template| t.render(&ctx);
                 let job_name = if has_matrix {
                     format!("{name} ({})", combo.label.join(", "))
@@ -402,11 +445,12 @@ impl Lower<'_> {
                     }),
                     secrets: secrets.clone(),
                     retry,
-                    placement: placement.clone(),
+                    placement,
                     condition: condition.clone(),
                 }
-            })
-            .collect()
+            });
+        }
+        specs
     }
 
     fn steps(
@@ -427,13 +471,18 @@ impl Lower<'_> {
             (None, None) => {
                 self.at(
                     key.referenced,
-                    format!("job `{name}` has nothing to run; add `run:` with a command, or `steps:`"),
+                    format!(
+                        "job `{name}` has nothing to run; add `run:` with a command, or `steps:`"
+                    ),
                 );
                 Vec::new()
             }
             (Some(run), None) => {
                 if run.value.trim().is_empty() {
-                    self.at(run.referenced, format!("`run` of job `{name}` is empty; write the command to run"));
+                    self.at(
+                        run.referenced,
+                        format!("`run` of job `{name}` is empty; write the command to run"),
+                    );
                 }
                 template(self, run)
                     .map(|t| vec![("run".to_owned(), t)])
@@ -441,7 +490,10 @@ impl Lower<'_> {
             }
             (None, Some(steps)) => {
                 if steps.value.is_empty() {
-                    self.at(steps.referenced, format!("`steps` of job `{name}` is empty; add at least one `- run:` step"));
+                    self.at(
+                        steps.referenced,
+                        format!("`steps` of job `{name}` is empty; add at least one `- run:` step"),
+                    );
                 }
                 let mut seen = HashSet::new();
                 let mut out = Vec::new();
@@ -449,7 +501,13 @@ impl Lower<'_> {
                     let step_name = match &step.value.name {
                         Some(n) => {
                             if !seen.insert(n.value.clone()) {
-                                self.at(n.referenced, format!("two steps of job `{name}` are named `{}`; rename one", n.value));
+                                self.at(
+                                    n.referenced,
+                                    format!(
+                                        "two steps of job `{name}` are named `{}`; rename one",
+                                        n.value
+                                    ),
+                                );
                             }
                             n.value.clone()
                         }
@@ -468,7 +526,12 @@ impl Lower<'_> {
         }
     }
 
-    fn job_env(&mut self, job: &RawJob, pipeline_env: Option<&SMap>, scope: Scope<'_>) -> Vec<(String, Template)> {
+    fn job_env(
+        &mut self,
+        job: &RawJob,
+        pipeline_env: Option<&SMap>,
+        scope: Scope<'_>,
+    ) -> Vec<(String, Template)> {
         let job_env = job.env.as_ref().map(|e| &e.value);
         self.check_env_names(job_env);
         let mut merged: IndexMap<String, Template> = IndexMap::new();
@@ -500,7 +563,10 @@ impl Lower<'_> {
             if !is_env_name(&s.value) {
                 self.at(s.referenced, format!("`{}` is not a valid secret name; secrets become environment variables, so use letters, digits and `_`", s.value));
             } else if out.contains(&s.value) {
-                self.at(s.referenced, format!("secret `{}` is listed twice; remove one", s.value));
+                self.at(
+                    s.referenced,
+                    format!("secret `{}` is listed twice; remove one", s.value),
+                );
             } else {
                 out.push(s.value.clone());
             }
@@ -510,13 +576,19 @@ impl Lower<'_> {
 
     fn paths(&mut self, list: &S<Vec<S<String>>>, what: &str, scope: Scope<'_>) -> Vec<Template> {
         if list.value.is_empty() {
-            self.at(list.referenced, format!("`{what}.paths` is empty; list the workspace paths to keep"));
+            self.at(
+                list.referenced,
+                format!("`{what}.paths` is empty; list the workspace paths to keep"),
+            );
         }
         let mut out = Vec::new();
         for p in &list.value {
             let v = &p.value;
             if v.trim().is_empty() {
-                self.at(p.referenced, format!("empty path in `{what}.paths`; remove it"));
+                self.at(
+                    p.referenced,
+                    format!("empty path in `{what}.paths`; remove it"),
+                );
             } else if v.starts_with('/') || v.starts_with('~') {
                 self.at(p.referenced, format!("`{v}` is not inside the workspace; `{what}.paths` are relative to the repository root"));
             } else if v.split('/').any(|c| c == "..") {
@@ -576,11 +648,24 @@ impl Lower<'_> {
         out
     }
 
-    fn placement(&mut self, p: &RawPlacement, base: &Placement) -> Placement {
+    /// Label values may use `matrix.<axis>` (a per-architecture build wants `arch:` from its
+    /// matrix); they are kept as templates here and rendered per combination.
+    fn placement(
+        &mut self,
+        p: &RawPlacement,
+        base: &Placement,
+        axes: Option<&[String]>,
+    ) -> Placement {
         let mut out = base.clone();
         if let Some(region) = &p.region {
             if region.value.is_empty() || region.value.chars().any(char::is_whitespace) {
-                self.at(region.referenced, format!("invalid region `{}`; write a region name such as eu-west", region.value));
+                self.at(
+                    region.referenced,
+                    format!(
+                        "invalid region `{}`; write a region name such as eu-west",
+                        region.value
+                    ),
+                );
             } else {
                 out.region = Some(region.value.clone());
             }
@@ -588,8 +673,20 @@ impl Lower<'_> {
         if let Some(labels) = &p.labels {
             out.labels = IndexMap::new();
             for (k, v) in &labels.value {
+                let templated = v.value.contains("${{");
                 if !is_label_key(&k.value) {
                     self.at(k.referenced, format!("invalid label key `{}`; use letters, digits, `-`, `_`, `.` and one optional `prefix/`", k.value));
+                } else if templated {
+                    let scope = Scope {
+                        field: "`placement.labels`",
+                        axes,
+                        events: false,
+                        hash: false,
+                        script: false,
+                    };
+                    if self.template(v, scope).is_some() {
+                        out.labels.insert(k.value.clone(), v.value.clone());
+                    }
                 } else if !is_label_value(&v.value) {
                     self.at(v.referenced, format!("invalid label value `{}`; use at most 63 letters, digits, `-`, `_` and `.`", v.value));
                 } else {
@@ -611,7 +708,8 @@ impl Lower<'_> {
         let ok = !k.is_empty()
             && k.len() <= 64
             && k.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok {
             self.at(key.referenced, format!("job name `{k}` is not allowed; use up to 64 letters, digits, `-`, `_` and `.`, starting with a letter or digit"));
         }
@@ -622,12 +720,18 @@ impl Lower<'_> {
         for need in job.needs.iter().flat_map(|n| &n.value) {
             let n = &need.value;
             if n == &key.value {
-                self.at(need.referenced, format!("job `{n}` needs itself; remove `{n}` from its `needs`"));
+                self.at(
+                    need.referenced,
+                    format!("job `{n}` needs itself; remove `{n}` from its `needs`"),
+                );
             } else if !keys.contains(n) {
                 let hint = suggest::hint(n, keys.iter().map(String::as_str));
                 self.at(
                     need.referenced,
-                    format!("job `{}` needs `{n}`, which is not a job in this pipeline{hint}", key.value),
+                    format!(
+                        "job `{}` needs `{n}`, which is not a job in this pipeline{hint}",
+                        key.value
+                    ),
                 );
             } else if !out.iter().any(|o| &o.value == n) {
                 out.push(need.clone());
@@ -649,7 +753,13 @@ impl Lower<'_> {
         if let Err(Cycle(cycle)) = Dag::new(needs) {
             let name = |i: usize| jobs[i].key.value.as_str();
             let links: Vec<String> = (0..cycle.len())
-                .map(|k| format!("`{}` needs `{}`", name(cycle[k]), name(cycle[(k + 1) % cycle.len()])))
+                .map(|k| {
+                    format!(
+                        "`{}` needs `{}`",
+                        name(cycle[k]),
+                        name(cycle[(k + 1) % cycle.len()])
+                    )
+                })
                 .collect();
             let first = &jobs[cycle[0]];
             let second = name(cycle[1 % cycle.len()]);
@@ -660,7 +770,10 @@ impl Lower<'_> {
                 .map_or(first.key.referenced, |n| n.referenced);
             self.at(
                 loc,
-                format!("dependency cycle: {}; remove one of these needs", links.join(", ")),
+                format!(
+                    "dependency cycle: {}; remove one of these needs",
+                    links.join(", ")
+                ),
             );
         }
     }
@@ -688,7 +801,13 @@ impl Lower<'_> {
                 ok = false;
             }
             if values.value.is_empty() {
-                self.at(values.referenced, format!("matrix axis `{}` has no values; list at least one", axis.value));
+                self.at(
+                    values.referenced,
+                    format!(
+                        "matrix axis `{}` has no values; list at least one",
+                        axis.value
+                    ),
+                );
                 ok = false;
             }
         }
@@ -714,7 +833,11 @@ impl Lower<'_> {
         let axis_names: Vec<&str> = raw.axes.iter().map(|(a, _)| a.value.as_str()).collect();
 
         // Cartesian product, first axis varying slowest.
-        let mut combos = if raw.axes.is_empty() { Vec::new() } else { vec![Combo::default()] };
+        let mut combos = if raw.axes.is_empty() {
+            Vec::new()
+        } else {
+            vec![Combo::default()]
+        };
         for (axis, values) in &raw.axes {
             combos = combos
                 .into_iter()
@@ -734,12 +857,22 @@ impl Lower<'_> {
                 continue;
             }
             for (k, v) in &entry.value {
-                let axis_values = &raw.axes.iter().find(|(a, _)| a.value == k.value).expect("checked").1;
+                let axis_values = &raw
+                    .axes
+                    .iter()
+                    .find(|(a, _)| a.value == k.value)
+                    .expect("checked")
+                    .1;
                 if !axis_values.value.iter().any(|x| x.value == v.value) {
                     self.at(v.referenced, format!("`exclude` names `{}: {}`, but `{}` is not a value of that axis; fix the value or drop the entry", k.value, v.value, v.value));
                 }
             }
-            combos.retain(|c| !entry.value.iter().all(|(k, v)| c.values.get(&k.value) == Some(&v.value)));
+            combos.retain(|c| {
+                !entry
+                    .value
+                    .iter()
+                    .all(|(k, v)| c.values.get(&k.value) == Some(&v.value))
+            });
         }
 
         // `include`, as GitHub Actions defines it: an entry extends every combination it
@@ -747,7 +880,10 @@ impl Lower<'_> {
         // of its own.
         for entry in &raw.include {
             if entry.value.is_empty() {
-                self.at(entry.referenced, "empty `include` entry; give it `axis: value` pairs or remove it");
+                self.at(
+                    entry.referenced,
+                    "empty `include` entry; give it `axis: value` pairs or remove it",
+                );
                 continue;
             }
             let on_axes: Vec<(&str, &str)> = entry
@@ -758,7 +894,10 @@ impl Lower<'_> {
                 .collect();
             let mut extended = false;
             for c in &mut combos {
-                if on_axes.iter().all(|(k, v)| c.values.get(*k).map(String::as_str) == Some(*v)) {
+                if on_axes
+                    .iter()
+                    .all(|(k, v)| c.values.get(*k).map(String::as_str) == Some(*v))
+                {
                     for (k, v) in &entry.value {
                         if !axis_names.contains(&k.value.as_str()) {
                             c.values.insert(k.value.clone(), v.value.clone());
@@ -769,7 +908,11 @@ impl Lower<'_> {
             }
             if !extended {
                 combos.push(Combo {
-                    values: entry.value.iter().map(|(k, v)| (k.value.clone(), v.value.clone())).collect(),
+                    values: entry
+                        .value
+                        .iter()
+                        .map(|(k, v)| (k.value.clone(), v.value.clone()))
+                        .collect(),
                     label: entry.value.values().map(|v| v.value.clone()).collect(),
                 });
             }
@@ -794,7 +937,13 @@ impl Lower<'_> {
         for k in entry.value.keys() {
             if !axes.contains(&k.value.as_str()) {
                 let hint = suggest::hint(&k.value, axes.iter().copied());
-                self.at(k.referenced, format!("`{what}` names `{}`, which is not a matrix axis{hint}", k.value));
+                self.at(
+                    k.referenced,
+                    format!(
+                        "`{what}` names `{}`, which is not a matrix axis{hint}",
+                        k.value
+                    ),
+                );
                 ok = false;
             }
         }
@@ -821,7 +970,10 @@ impl Lower<'_> {
                     (body[..end].to_owned(), start)
                 }
                 _ => {
-                    self.at(c.referenced, "`if` must be one expression; write it without text around the `${{ }}`");
+                    self.at(
+                        c.referenced,
+                        "`if` must be one expression; write it without text around the `${{ }}`",
+                    );
                     return None;
                 }
             }
@@ -842,7 +994,8 @@ impl Lower<'_> {
             hash: false,
             script: false,
         };
-        self.check_expr(c, &expr, offset, scope).then(|| source.trim().to_owned())
+        self.check_expr(c, &expr, offset, scope)
+            .then(|| source.trim().to_owned())
     }
 
     /// Parses a template and checks what it refers to against `scope`.
@@ -872,7 +1025,13 @@ impl Lower<'_> {
         });
         expr.visit_calls(&mut |f, at| {
             if f == Func::Hash && !scope.hash {
-                problems.push((base + at, format!("`hash()` can only be used in `cache.key`, not in {}", scope.field)));
+                problems.push((
+                    base + at,
+                    format!(
+                        "`hash()` can only be used in `cache.key`, not in {}",
+                        scope.field
+                    ),
+                ));
             }
         });
         let ok = problems.is_empty();
@@ -888,14 +1047,19 @@ fn var_problem(path: &[String], scope: Scope<'_>) -> Option<String> {
     let full = path.join(".");
     match path {
         [m, axis] if m == "matrix" => match scope.axes {
-            None => Some(format!("`{full}` has no value here: {} is not inside a job with a matrix", scope.field)),
+            None => Some(format!(
+                "`{full}` has no value here: {} is not inside a job with a matrix",
+                scope.field
+            )),
             Some(axes) if !axes.contains(axis) => Some(format!(
                 "`{full}` is not an axis of this job's matrix{}",
                 suggest::hint(axis, axes.iter().map(String::as_str))
             )),
             Some(_) => None,
         },
-        [m, ..] if m == "matrix" => Some(format!("write a matrix value as `matrix.<axis>`, not `{full}`")),
+        [m, ..] if m == "matrix" => Some(format!(
+            "write a matrix value as `matrix.<axis>`, not `{full}`"
+        )),
         [v] if EVENT_VARIABLES.contains(&v.as_str()) => {
             if scope.events {
                 None
@@ -906,7 +1070,10 @@ fn var_problem(path: &[String], scope: Scope<'_>) -> Option<String> {
                     v.to_uppercase()
                 ))
             } else {
-                Some(format!("`{v}` cannot be used in {}; only `matrix.<axis>` values can", scope.field))
+                Some(format!(
+                    "`{v}` cannot be used in {}; only `matrix.<axis>` values can",
+                    scope.field
+                ))
             }
         }
         _ => {
@@ -914,7 +1081,10 @@ fn var_problem(path: &[String], scope: Scope<'_>) -> Option<String> {
             known.push("matrix");
             let hint = suggest::hint(&full, known.iter().copied());
             let hint = if hint.is_empty() {
-                format!("; the variables are {} and matrix.<axis>", EVENT_VARIABLES.join(", "))
+                format!(
+                    "; the variables are {} and matrix.<axis>",
+                    EVENT_VARIABLES.join(", ")
+                )
             } else {
                 hint
             };
@@ -951,7 +1121,10 @@ struct MatrixOnly<'a>(&'a IndexMap<String, String>);
 impl super::expr::Context for MatrixOnly<'_> {
     fn var(&self, path: &[String]) -> Value {
         match path {
-            [m, axis] if m == "matrix" => self.0.get(axis).map_or(Value::Null, |v| Value::Str(v.clone())),
+            [m, axis] if m == "matrix" => self
+                .0
+                .get(axis)
+                .map_or(Value::Null, |v| Value::Str(v.clone())),
             _ => Value::Null,
         }
     }
@@ -965,14 +1138,21 @@ fn is_env_name(s: &str) -> bool {
 
 fn is_axis_name(s: &str) -> bool {
     s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn is_label_key(s: &str) -> bool {
     let name = s.rsplit_once('/').map_or(s, |(_, n)| n);
-    !name.is_empty() && name.len() <= 63 && s.len() <= 253 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    !name.is_empty()
+        && name.len() <= 63
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 fn is_label_value(s: &str) -> bool {
-    s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }

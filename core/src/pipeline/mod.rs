@@ -85,14 +85,19 @@ impl Diagnostic {
         message: impl Into<String>,
     ) -> Self {
         let clamp = |v: u64| u32::try_from(v.max(1)).unwrap_or(u32::MAX);
-        let column = clamp(loc.column()).saturating_add(u32::try_from(extra_columns).unwrap_or(u32::MAX));
+        let column =
+            clamp(loc.column()).saturating_add(u32::try_from(extra_columns).unwrap_or(u32::MAX));
         Self::new(file, clamp(loc.line()), column, message)
     }
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
     }
 }
 

@@ -8,8 +8,8 @@
 use std::fmt;
 
 use indexmap::IndexMap;
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_saphyr::Spanned;
 
 pub(crate) type S<T> = Spanned<T>;

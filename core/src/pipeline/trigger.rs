@@ -188,7 +188,10 @@ mod tests {
             ..Triggers::default()
         };
         let docs_only = vec!["services/api/README.md".to_string()];
-        let code = vec!["services/api/src/main.go".to_string(), "README.md".to_string()];
+        let code = vec![
+            "services/api/src/main.go".to_string(),
+            "README.md".to_string(),
+        ];
         assert!(t.matches(push("dev", Some(&docs_only))).is_err());
         assert!(t.matches(push("dev", Some(&code))).is_ok());
         // Unknown changes: build rather than miss one.

@@ -44,7 +44,9 @@ const MIN_MEMORY_BYTES: u64 = 4 << 20;
 pub(crate) fn parse_cpu(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let bad = || {
-        format!("invalid CPU quantity `{t}`; write cores such as 2 or 0.5, or millicores such as 500m")
+        format!(
+            "invalid CPU quantity `{t}`; write cores such as 2 or 0.5, or millicores such as 500m"
+        )
     };
     let millis = if let Some(m) = t.strip_suffix('m') {
         if m.is_empty() || !m.chars().all(|c| c.is_ascii_digit()) {
@@ -62,15 +64,24 @@ pub(crate) fn parse_cpu(text: &str) -> Result<u64, String> {
                 "CPU quantity `{t}` is finer than a millicore; use at most three decimals"
             ));
         }
-        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
         let frac_millis: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
-        whole.checked_mul(1000).and_then(|w| w.checked_add(frac_millis)).ok_or_else(bad)?
+        whole
+            .checked_mul(1000)
+            .and_then(|w| w.checked_add(frac_millis))
+            .ok_or_else(bad)?
     };
     if millis == 0 {
         return Err(format!("CPU quantity `{t}` is zero; ask for at least 1m"));
     }
     if millis > MAX_CPU_MILLIS {
-        return Err(format!("CPU quantity `{t}` is more than the limit of 256 cores"));
+        return Err(format!(
+            "CPU quantity `{t}` is more than the limit of 256 cores"
+        ));
     }
     Ok(millis)
 }
@@ -80,7 +91,11 @@ pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
-    let bad = || format!("invalid memory quantity `{t}`; write a whole number and a unit, such as 512Mi or 2Gi");
+    let bad = || {
+        format!(
+            "invalid memory quantity `{t}`; write a whole number and a unit, such as 512Mi or 2Gi"
+        )
+    };
     if num.is_empty() {
         return Err(bad());
     }
@@ -107,26 +122,39 @@ pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
         }
         _ => return Err(bad()),
     };
-    let bytes = n.checked_mul(mult).ok_or_else(|| format!("memory quantity `{t}` is too large"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("memory quantity `{t}` is too large"))?;
     if bytes < MIN_MEMORY_BYTES {
         return Err(format!(
             "memory quantity `{t}` is only {bytes} bytes; add a unit, such as {num}Mi"
         ));
     }
     if bytes > MAX_MEMORY_BYTES {
-        return Err(format!("memory quantity `{t}` is more than the limit of 4Ti"));
+        return Err(format!(
+            "memory quantity `{t}` is more than the limit of 4Ti"
+        ));
     }
     Ok(bytes)
 }
 
 /// Formats millicores as Kubernetes writes them: `2` or `500m`.
 pub(crate) fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 { (millis / 1000).to_string() } else { format!("{millis}m") }
+    if millis % 1000 == 0 {
+        (millis / 1000).to_string()
+    } else {
+        format!("{millis}m")
+    }
 }
 
 /// Formats bytes with the largest binary unit that divides them exactly.
 pub(crate) fn format_memory(bytes: u64) -> String {
-    for (unit, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+    for (unit, size) in [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
         if bytes % size == 0 {
             return format!("{}{unit}", bytes / size);
         }
@@ -146,9 +174,17 @@ mod tests {
         assert_eq!(parse_duration("1h30m", DAY), Ok(5400));
         assert_eq!(parse_duration("7d", 30 * DAY), Ok(7 * DAY));
         assert!(parse_duration("30", DAY).unwrap_err().contains("30m"));
-        assert!(parse_duration("30 minutes please", DAY).unwrap_err().starts_with("invalid duration"));
+        assert!(
+            parse_duration("30 minutes please", DAY)
+                .unwrap_err()
+                .starts_with("invalid duration")
+        );
         assert!(parse_duration("0s", DAY).is_err());
-        assert!(parse_duration("2d", DAY).unwrap_err().contains("limit of 1day"));
+        assert!(
+            parse_duration("2d", DAY)
+                .unwrap_err()
+                .contains("limit of 1day")
+        );
     }
 
     #[test]

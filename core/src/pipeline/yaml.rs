@@ -87,7 +87,9 @@ fn message(err: &Error) -> String {
             .to_owned()
     };
     match err {
-        Error::SerdeUnknownField { field, expected, .. } => unknown_key(field, expected),
+        Error::SerdeUnknownField {
+            field, expected, ..
+        } => unknown_key(field, expected),
         Error::SerdeMissingField { field, .. } => missing_key(field),
         Error::DuplicateMappingKey { .. } => format!(
             "{}; remove or rename one of them",
@@ -155,7 +157,9 @@ fn unknown_key(field: &str, expected: &[&str]) -> String {
         return format!("unknown key `{field}` in {place}{hint}");
     }
     if place == "a job" && matches!(field, "script" | "commands" | "command") {
-        return format!("unknown key `{field}` in a job; write the commands under `run:` or `steps:`");
+        return format!(
+            "unknown key `{field}` in a job; write the commands under `run:` or `steps:`"
+        );
     }
     format!(
         "unknown key `{field}` in {place}; the keys allowed here are {}",
