@@ -23,23 +23,38 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_example_pipeline_is_valid_and_has_jobs_in_stages() {
     let files = yaml_files(&examples_dir());
-    assert!(files.len() >= 6, "expected at least six examples, found {}", files.len());
+    assert!(
+        files.len() >= 6,
+        "expected at least six examples, found {}",
+        files.len()
+    );
     for file in files {
         let source = fs::read_to_string(&file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let p = pipeline::parse(&name, &source).unwrap_or_else(|d| {
-            panic!("{name} is invalid:\n{}", d.iter().map(|d| format!("{d}\n")).collect::<String>())
+            panic!(
+                "{name} is invalid:\n{}",
+                d.iter().map(|d| format!("{d}\n")).collect::<String>()
+            )
         });
         assert!(!p.jobs.is_empty(), "{name} has no jobs");
         let staged: usize = p.stages().iter().map(Vec::len).sum();
-        assert_eq!(staged, p.jobs.len(), "{name}: every job is in exactly one stage");
+        assert_eq!(
+            staged,
+            p.jobs.len(),
+            "{name}: every job is in exactly one stage"
+        );
     }
 }
 
 #[test]
 fn every_invalid_example_fails_at_its_expected_positions() {
     let files = yaml_files(&examples_dir().join("invalid"));
-    assert!(files.len() >= 8, "expected the invalid cases, found {}", files.len());
+    assert!(
+        files.len() >= 8,
+        "expected the invalid cases, found {}",
+        files.len()
+    );
     for file in files {
         let source = fs::read_to_string(&file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();

@@ -32,7 +32,14 @@ pub fn flotilla_bin() -> &'static Path {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
             .current_dir(workspace_root())
-            .args(["build", "--quiet", "--package", "flotilla", "--bin", "flotilla"])
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "flotilla",
+                "--bin",
+                "flotilla",
+            ])
             .arg("--message-format=json")
             .output()
             .expect("run cargo build");

@@ -84,7 +84,11 @@ fn each_invalid_example_fails_with_its_position_and_exit_status_1() {
         // Then the offending line, with a caret under the column.
         let line: usize = expected.split(':').next().unwrap().parse().unwrap();
         let text = source.lines().nth(line - 1).unwrap();
-        assert!(r.stderr.contains(&format!("{line} | {text}\n")), "{}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("{line} | {text}\n")),
+            "{}",
+            r.stderr
+        );
     }
 }
 
@@ -94,8 +98,14 @@ fn json_output_carries_the_expanded_pipeline_or_the_problems() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v[0]["valid"], true);
-    assert_eq!(v[0]["stages"][1], serde_json::json!(["build (amd64)", "build (arm64)"]));
-    assert_eq!(v[0]["pipeline"]["jobs"][1]["placement"]["labels"]["arch"], "amd64");
+    assert_eq!(
+        v[0]["stages"][1],
+        serde_json::json!(["build (amd64)", "build (arm64)"])
+    );
+    assert_eq!(
+        v[0]["pipeline"]["jobs"][1]["placement"]["labels"]["arch"],
+        "amd64"
+    );
 
     let r = run(&["validate", "--json", "examples/invalid/cycle.yaml"]);
     assert_eq!(r.code, 1);
@@ -109,24 +119,41 @@ fn json_output_carries_the_expanded_pipeline_or_the_problems() {
 fn a_directory_with_a_ci_yaml_is_checked_through_that_file() {
     let dir = std::env::temp_dir().join(format!("flotilla-validate-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join(".ci.yaml"), "version: 1\njobs:\n  a: { image: x, run: 'true' }\n").unwrap();
+    fs::write(
+        dir.join(".ci.yaml"),
+        "version: 1\njobs:\n  a: { image: x, run: 'true' }\n",
+    )
+    .unwrap();
     fs::write(dir.join("other.yaml"), "not: a pipeline\n").unwrap();
     let r = run(&["validate", dir.to_str().unwrap()]);
     fs::remove_dir_all(&dir).unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains(".ci.yaml: valid — 1 job in 1 stage\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(".ci.yaml: valid — 1 job in 1 stage\n"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
 fn a_missing_file_is_an_error_with_status_2() {
     let r = run(&["validate", "no/such/file.yaml"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.starts_with("error: cannot read no/such/file.yaml: "), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("error: cannot read no/such/file.yaml: "),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn commands_that_are_not_built_yet_say_so() {
     let r = run(&["dev"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("`flotilla dev` is not built yet"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`flotilla dev` is not built yet"),
+        "{}",
+        r.stderr
+    );
 }

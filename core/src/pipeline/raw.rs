@@ -14,6 +14,8 @@ use serde_saphyr::Spanned;
 
 pub(crate) type S<T> = Spanned<T>;
 pub(crate) type SMap = IndexMap<S<String>, S<String>>;
+/// One matrix axis: its name and its values.
+pub(crate) type Axis = (S<String>, S<Vec<S<String>>>);
 
 /// `Some(value)` whenever the key is present, even as `key:` with no value, so `push:` alone
 /// can mean "every branch" while a missing `push` means "not on pushes".
@@ -173,7 +175,7 @@ pub(crate) struct RawPlacement {
 /// rather than becoming the number 1.8.
 #[derive(Debug, Default)]
 pub(crate) struct RawMatrix {
-    pub axes: Vec<(S<String>, S<Vec<S<String>>>)>,
+    pub axes: Vec<Axis>,
     pub include: Vec<S<SMap>>,
     pub exclude: Vec<S<SMap>>,
 }

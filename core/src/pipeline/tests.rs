@@ -336,7 +336,10 @@ fn placement_labels_can_follow_the_matrix() {
     assert_eq!(p.jobs[0].placement.labels["arch"], "amd64");
     assert_eq!(p.jobs[1].placement.labels["arch"], "arm64");
     let src = "version: 1\njobs:\n  b:\n    image: x\n    run: make\n    matrix: { arch: [amd64, \"arm 64\"] }\n    placement: { labels: { arch: \"${{ matrix.arch }}\" } }\n";
-    assert_eq!(first(src), "3:3: job `b` sets label `arch` to `arm 64` for one matrix combination, which is not a valid label value; use at most 63 letters, digits, `-`, `_` and `.`");
+    assert_eq!(
+        first(src),
+        "3:3: job `b` sets label `arch` to `arm 64` for one matrix combination, which is not a valid label value; use at most 63 letters, digits, `-`, `_` and `.`"
+    );
 }
 
 #[test]

@@ -140,7 +140,7 @@ pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
 
 /// Formats millicores as Kubernetes writes them: `2` or `500m`.
 pub(crate) fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         (millis / 1000).to_string()
     } else {
         format!("{millis}m")
@@ -155,7 +155,7 @@ pub(crate) fn format_memory(bytes: u64) -> String {
         ("Mi", 1 << 20),
         ("Ki", 1 << 10),
     ] {
-        if bytes % size == 0 {
+        if bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
