@@ -1,9 +1,16 @@
-//! `flotilla-consensus`: the Raft-replicated log under the federator.
+//! `flotilla-consensus`: the Raft-replicated log under the federator (ARCHITECTURE §2, §4).
 //!
-//! Planned layout (ARCHITECTURE §2, §4): an openraft type configuration generic over an
-//! application state machine, durable log/vote/snapshot storage in redb, a tonic network
-//! (append-entries, vote, streamed snapshot install), membership administration, and a
-//! `propose(command)` write path that forwards to the leader. The federator plugs in
-//! `flotilla_core`'s deterministic `apply`.
+//! Built on openraft 0.9 (pinned exactly) rather than a home-made Raft. Layout:
+//! - [`types`]: the openraft type configuration and the [`StateMachine`] trait an
+//!   application implements (the federator plugs in `flotilla-core`'s deterministic `apply`).
+//! - [`store`]: redb-backed log, vote, committed index and snapshots, with group commit.
+//! - [`kv`]: a small key-value state machine for tests, benchmarks and bring-up.
 //!
-//! Status: empty until the Consensus issue.
+//! The network (tonic), the node API (propose, linearizable reads, membership) and the admin
+//! service build on these.
+
+pub mod kv;
+pub mod store;
+pub mod types;
+
+pub use types::{NodeId, StateMachine};

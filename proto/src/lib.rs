@@ -1,8 +1,21 @@
 //! `flotilla-proto`: the wire protocol between Flotilla processes.
 //!
-//! This crate will hold the `.proto` files (Raft peer service, cell session service, admin
-//! service), the tonic/prost code generated from them at build time (with a vendored `protoc`,
-//! so no system tool is needed), and the conversions between protobuf messages and the domain
-//! types of `flotilla-core`. Domain crates never name prost types; they convert here, once.
+//! The `.proto` files live in `proto/`; `build.rs` compiles them with protox (pure Rust, so no
+//! system `protoc`) into tonic clients and servers. Modules:
+//! - [`raft`]: `RaftService` between federator replicas (append-entries, vote, streamed
+//!   snapshot install) and `AdminService` for membership, metrics and forwarded writes.
 //!
-//! Status: empty until the Consensus issue adds the Raft service.
+//! Later issues add the cell session service here, with the pb↔domain conversions for
+//! `flotilla-core` types, so domain crates never name prost types.
+
+/// Raft peer and admin services (`flotilla.raft.v1`).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod raft {
+    tonic::include_proto!("flotilla.raft.v1");
+}
