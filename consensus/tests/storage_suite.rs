@@ -19,6 +19,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 
 /// `Suite::test_all` builds its own runtime per case, so this is a plain test, not a tokio one.
 #[test]
-fn redb_stores_pass_the_openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(RedbBuilder)
+fn redb_stores_pass_the_openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(RedbBuilder) {
+        panic!("storage suite failed: {e}");
+    }
 }

@@ -307,13 +307,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 value: bytes,
                 done,
             })
-            .map_err(|_| {
-                storage_error(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    &std::io::Error::other("log writer stopped"),
-                )
-            })
+            .map_err(|_| storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped"))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -345,13 +339,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 entries: encoded,
                 done: callback,
             })
-            .map_err(|_| {
-                storage_error(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    &std::io::Error::other("log writer stopped"),
-                )
-            })
+            .map_err(|_| storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

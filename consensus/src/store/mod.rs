@@ -24,13 +24,7 @@ pub fn open_db(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
         .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
     redb::Database::create(dir.join("raft.redb"))
         .map(Arc::new)
-        .map_err(|e| {
-            storage_error(
-                ErrorSubject::Logs,
-                ErrorVerb::Read,
-                &std::io::Error::other(e),
-            )
-        })
+        .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e))
 }
 
 /// The two stores openraft needs for one replica, plus a shared handle on the application

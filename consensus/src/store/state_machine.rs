@@ -120,7 +120,7 @@ impl StateMachineStore {
             storage_error(
                 ErrorSubject::Snapshot(sig.clone()),
                 ErrorVerb::Write,
-                &std::io::Error::other(e.to_string()),
+                e.to_string(),
             )
         };
         let bytes = encode(snapshot).map_err(|e| err(&e))?;
