@@ -6,15 +6,22 @@
 //! - [`store`]: redb-backed log, vote, committed index and snapshots, with group commit.
 //! - [`kv`]: a small key-value state machine for tests, benchmarks and bring-up.
 //!
-//! The network (tonic), the node API (propose, linearizable reads, membership) and the admin
-//! service build on these.
+//! - [`network`]: the tonic client side (one channel per peer, deadlines, backoff, streamed
+//!   snapshots) and [`network::Faults`] for partition tests.
+//! - [`server`]: the `RaftService` and `AdminService` a replica serves.
+//! - [`Node`]: a replica behind a typed API — bootstrap, propose (with `ForwardToLeader`),
+//!   forwarding to the leader, linearizable reads, membership changes, shutdown and crash.
 
 // openraft's `StorageError` is large, and its storage traits must return it; boxing it in our
 // own constructors would only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
 pub mod kv;
+pub mod network;
+mod node;
+pub mod server;
 pub mod store;
 pub mod types;
 
+pub use node::{Node, NodeConfig, NodeError, join_cluster};
 pub use types::{NodeId, StateMachine};

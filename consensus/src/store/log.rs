@@ -17,6 +17,8 @@ use std::thread;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
+
+use super::Db;
 use tokio::sync::oneshot;
 
 use openraft::{ErrorSubject, ErrorVerb};
@@ -88,7 +90,7 @@ impl Debug for LogStore {
 impl LogStore {
     /// Opens the log in `db`, loading what is there, and starts its writer thread. The thread
     /// ends when the last clone of the store is dropped.
-    pub fn open(db: Arc<Database>) -> Result<Self, StorageError> {
+    pub fn open(db: Arc<Db>) -> Result<Self, StorageError> {
         let cache = load(&db).map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability};
+
+use super::Db;
 use serde::{Deserialize, Serialize};
 
 use super::log::META;
@@ -71,7 +73,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<Mutex<Inner>>,
-    db: Arc<Database>,
+    db: Arc<Db>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -82,7 +84,7 @@ impl std::fmt::Debug for StateMachineStore {
 
 impl StateMachineStore {
     /// Opens the store, restoring the application from the last snapshot in `db`, if any.
-    pub(crate) fn open(db: Arc<Database>, mut app: Box<dyn Erased>) -> Result<Self, StorageError> {
+    pub(crate) fn open(db: Arc<Db>, mut app: Box<dyn Erased>) -> Result<Self, StorageError> {
         let current = load_snapshot(&db)
             .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, &e))?;
         let (last_applied, last_membership) = match &current {

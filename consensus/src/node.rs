@@ -1,0 +1,545 @@
+//! A replica: openraft with Flotilla's storage, network and services, behind a typed API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::raft::admin_service_client::AdminServiceClient;
+use flotilla_proto::raft::admin_service_server::AdminServiceServer;
+use flotilla_proto::raft::raft_service_server::RaftServiceServer;
+use flotilla_proto::raft::{AddLearnerRequest, ChangeMembershipRequest, Member, ProposeRequest};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, RaftMetrics, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::network::{Faults, Network};
+use crate::server::{AdminGrpc, LEADER_ADDR_KEY, LEADER_ID_KEY, RaftGrpc};
+use crate::store::{self, LogStats};
+use crate::types::{NodeId, Raft, Request, StateMachine, decode, encode};
+
+/// How a replica runs. Defaults suit a production federator on a LAN.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This replica's id, unique and stable for its data directory's lifetime.
+    pub node_id: NodeId,
+    /// Where the replica keeps its redb file.
+    pub data_dir: PathBuf,
+    /// The `host:port` peers and clients use to reach this replica's gRPC server.
+    pub advertise_addr: String,
+    /// How often the leader heartbeats.
+    pub heartbeat_interval: Duration,
+    /// The shortest election timeout; see [`NodeConfig::election_timeouts`].
+    pub election_timeout: Duration,
+    /// Take a snapshot after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot, so slightly lagging followers catch up from
+    /// the log rather than a whole snapshot.
+    pub keep_entries_behind_snapshot: u64,
+    /// Faults to inject into this replica's outgoing traffic (tests only).
+    pub faults: Option<Faults>,
+}
+
+impl NodeConfig {
+    /// A configuration with production defaults.
+    pub fn new(
+        node_id: NodeId,
+        data_dir: impl Into<PathBuf>,
+        advertise_addr: impl Into<String>,
+    ) -> Self {
+        Self {
+            node_id,
+            data_dir: data_dir.into(),
+            advertise_addr: advertise_addr.into(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+            snapshot_after_entries: 10_000,
+            keep_entries_behind_snapshot: 1_000,
+            faults: None,
+        }
+    }
+
+    /// The election timeout range `[min, max)` in milliseconds for this replica.
+    ///
+    /// openraft 0.9 draws a replica's election timeout once per process and reuses it for
+    /// every election (fixed upstream only in 0.10, openraft#1838). Two survivors whose
+    /// timeouts happen to be close can then split the vote again and again after losing the
+    /// leader. To rule that out, each replica draws from its own band, chosen by its id:
+    /// bands are 100 ms wide and 150 ms apart, so survivors' timeouts differ by at least
+    /// 50 ms — far more than a round trip — and the first to time out wins. Ids that are
+    /// equal modulo 4 share a band; clusters of up to four voters never collide.
+    pub fn election_timeouts(&self) -> (u64, u64) {
+        let base = self.election_timeout.as_millis() as u64;
+        let slot = self.node_id % 4;
+        let min = base + slot * 150;
+        (min, min + 100)
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, NodeError> {
+        let (min, max) = self.election_timeouts();
+        let heartbeat = self.heartbeat_interval.as_millis() as u64;
+        if heartbeat * 3 > min {
+            return Err(NodeError::Config(format!(
+                "heartbeat interval {heartbeat} ms is too long for an election timeout of {min} ms; keep it under a third"
+            )));
+        }
+        openraft::Config {
+            cluster_name: "flotilla".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: min,
+            election_timeout_max: max,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.keep_entries_behind_snapshot,
+            max_payload_entries: 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Config(e.to_string()))
+    }
+}
+
+/// Why a replica could not start or do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is unusable.
+    #[error("invalid consensus configuration: {0}")]
+    Config(String),
+    /// The data directory could not be opened or read.
+    #[error("cannot open the Raft data in the data directory: {0}")]
+    Storage(String),
+    /// The cluster refused or failed the operation.
+    #[error("{0}")]
+    Raft(String),
+    /// A write or read must go to the leader.
+    #[error("not the leader{}", match .leader_addr { Some(a) => format!("; the leader is at {a}"), None => "; no leader is known yet".into() })]
+    ForwardToLeader {
+        /// The leader's id, when known.
+        leader_id: Option<NodeId>,
+        /// The leader's address, when known.
+        leader_addr: Option<String>,
+    },
+    /// The operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl NodeError {
+    /// Whether trying again (possibly elsewhere) can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            NodeError::ForwardToLeader { .. } | NodeError::Timeout(_)
+        )
+    }
+}
+
+fn forward(f: &openraft::error::ForwardToLeader<NodeId, BasicNode>) -> NodeError {
+    NodeError::ForwardToLeader {
+        leader_id: f.leader_id,
+        leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()),
+    }
+}
+
+/// One replica. Dropping it without [`Node::shutdown`] leaves its tasks running until the
+/// runtime ends; tests that simulate a crash call [`Node::crash`].
+pub struct Node<S: StateMachine> {
+    config: NodeConfig,
+    raft: Raft,
+    app: Arc<Mutex<S>>,
+    log_stats: Arc<LogStats>,
+    storage_closed: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    server: Mutex<Option<JoinHandle<()>>>,
+    stop_server: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl<S: StateMachine> std::fmt::Debug for Node<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.config.node_id)
+            .field("addr", &self.config.advertise_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: StateMachine> Node<S> {
+    /// Opens the replica's data (restoring `app` from its snapshot and log) and serves the Raft
+    /// and admin services on `listener`. A new replica joins nothing until [`Node::bootstrap`]
+    /// or a leader adds it.
+    pub async fn start(
+        config: NodeConfig,
+        listener: TcpListener,
+        app: S,
+    ) -> Result<Self, NodeError> {
+        let raft_config = Arc::new(config.raft_config()?);
+        let stores =
+            store::open(&config.data_dir, app).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let log_stats = stores.log.stats();
+        let network = Network::new(config.node_id, config.faults.clone());
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            stores.log,
+            stores.state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let (stop_server, stopped) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                RaftServiceServer::new(RaftGrpc { raft: raft.clone() })
+                    .max_decoding_message_size(64 << 20),
+            )
+            .add_service(AdminServiceServer::new(AdminGrpc { raft: raft.clone() }));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let id = config.node_id;
+        let server = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::error!(node = id, error = %e, "Raft gRPC server failed.");
+            }
+        });
+        Ok(Self {
+            config,
+            raft,
+            app: stores.app,
+            log_stats,
+            storage_closed: tokio::sync::Mutex::new(Some(stores.closed)),
+            server: Mutex::new(Some(server)),
+            stop_server: Mutex::new(Some(stop_server)),
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    /// This replica's advertised address.
+    pub fn addr(&self) -> &str {
+        &self.config.advertise_addr
+    }
+
+    /// The underlying openraft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The latest metrics.
+    pub fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// `(fsyncs, entries)` made durable by this replica's log so far.
+    pub fn log_batching(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.log_stats.fsyncs.load(Relaxed),
+            self.log_stats.entries.load(Relaxed),
+        )
+    }
+
+    /// Forms a new cluster with these voters (`id → address`), this replica among them. Run
+    /// once, on one replica, for a brand-new cluster; the others are started and wait.
+    pub async fn bootstrap(&self, voters: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
+        let members: BTreeMap<NodeId, BasicNode> = voters
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Waits until some replica is leader and returns its id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, NodeError> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|e| NodeError::Timeout(e.to_string()))?;
+        m.current_leader
+            .ok_or_else(|| NodeError::Timeout("no leader".into()))
+    }
+
+    /// Proposes `command` on this replica, which must be the leader; returns once it is
+    /// committed and applied here. On a follower: [`NodeError::ForwardToLeader`].
+    pub async fn propose(&self, command: S::Command) -> Result<S::Response, NodeError> {
+        let bytes = encode(&command).map_err(|e| NodeError::Raft(e.to_string()))?;
+        let written = self
+            .raft
+            .client_write(Request(bytes))
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
+                other => NodeError::Raft(other.to_string()),
+            })?;
+        decode(&written.data.0).map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Proposes `command` wherever the leader is: here if this replica leads, otherwise
+    /// forwarded to the leader over the admin service, following leader changes for up to
+    /// `timeout`.
+    pub async fn propose_via_leader(
+        &self,
+        command: S::Command,
+        timeout: Duration,
+    ) -> Result<S::Response, NodeError> {
+        let bytes = encode(&command).map_err(|e| NodeError::Raft(e.to_string()))?;
+        let attempt = async {
+            let mut delay = Duration::from_millis(20);
+            loop {
+                let leader = self.metrics().current_leader;
+                let result = if leader == Some(self.id()) {
+                    match self.raft.client_write(Request(bytes.clone())).await {
+                        Ok(w) => Ok(w.data.0),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                            Err(forward(&f))
+                        }
+                        Err(e) => Err(NodeError::Raft(e.to_string())),
+                    }
+                } else {
+                    let addr = leader.and_then(|l| {
+                        self.metrics()
+                            .membership_config
+                            .membership()
+                            .get_node(&l)
+                            .map(|n| n.addr.clone())
+                    });
+                    match addr {
+                        None => Err(NodeError::ForwardToLeader {
+                            leader_id: None,
+                            leader_addr: None,
+                        }),
+                        Some(addr) => forward_propose(&addr, bytes.clone()).await,
+                    }
+                };
+                match result {
+                    Ok(resp) => return decode(&resp).map_err(|e| NodeError::Raft(e.to_string())),
+                    Err(e) if e.is_retryable() => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| NodeError::Timeout("no leader accepted the proposal".into()))?
+    }
+
+    /// Reads the local state without coordination: fast, possibly stale on a follower.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.app.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the state linearizably: this replica must be the leader; it confirms its
+    /// leadership with a quorum and waits until everything committed before the read is
+    /// applied, so the read sees every write acknowledged before it started.
+    pub async fn linearizable_read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, NodeError> {
+        self.raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                forward(&f)
+            }
+            other => NodeError::Raft(other.to_string()),
+        })?;
+        Ok(self.read(f))
+    }
+
+    /// Adds a non-voting member; with `blocking`, waits until it has caught up.
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        addr: &str,
+        blocking: bool,
+    ) -> Result<(), NodeError> {
+        self.raft
+            .add_learner(
+                id,
+                BasicNode {
+                    addr: addr.to_owned(),
+                },
+                blocking,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
+                other => NodeError::Raft(other.to_string()),
+            })
+    }
+
+    /// Makes exactly `voters` the voting members (learners are promoted; voters not listed are
+    /// removed, or kept as learners with `retain`).
+    pub async fn change_membership(
+        &self,
+        voters: BTreeSet<NodeId>,
+        retain: bool,
+    ) -> Result<(), NodeError> {
+        self.raft
+            .change_membership(voters, retain)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
+                other => NodeError::Raft(other.to_string()),
+            })
+    }
+
+    /// Stops the replica cleanly: Raft first, then the server; returns once the data
+    /// directory is released, so the replica can be started again in the same process.
+    /// Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+        self.await_storage_closed().await;
+        let stop = self
+            .stop_server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut server) = server {
+            // Peers hold HTTP/2 connections open; do not wait for them to hang up.
+            if tokio::time::timeout(Duration::from_secs(1), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+            }
+        }
+    }
+
+    /// Stops the replica abruptly, as a crash would: the server and Raft tasks are cut off
+    /// mid-flight. Everything acknowledged is already durable, so this loses nothing that a
+    /// client was told succeeded.
+    pub async fn crash(&self) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = server {
+            server.abort();
+            let _ = server.await;
+        }
+        let _ = self.raft.shutdown().await;
+        self.await_storage_closed().await;
+    }
+
+    /// openraft's tasks and the log writer thread let go of the database shortly after Raft
+    /// stops; wait for that (bounded), so the file lock is free for a restart.
+    async fn await_storage_closed(&self) {
+        let Some(closed) = self.storage_closed.lock().await.take() else {
+            return;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                node = self.config.node_id,
+                "Raft storage still open 5 s after shutdown."
+            );
+        }
+    }
+}
+
+/// Sends a proposal to the leader's admin service.
+async fn forward_propose(addr: &str, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+    let mut client = AdminServiceClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| NodeError::Timeout(format!("cannot reach the leader at {addr}: {e}")))?;
+    match client.propose(ProposeRequest { command }).await {
+        Ok(r) => Ok(r.into_inner().response),
+        Err(status) => Err(status_error(&status)),
+    }
+}
+
+/// Turns an admin-service status into a [`NodeError`], keeping the leader hint.
+pub(crate) fn status_error(status: &tonic::Status) -> NodeError {
+    let md = status.metadata();
+    let get = |k| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match status.code() {
+        tonic::Code::FailedPrecondition if status.message().starts_with("not the leader") => {
+            NodeError::ForwardToLeader {
+                leader_id: get(LEADER_ID_KEY).and_then(|v| v.parse().ok()),
+                leader_addr: get(LEADER_ADDR_KEY),
+            }
+        }
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            NodeError::Timeout(status.message().to_owned())
+        }
+        _ => NodeError::Raft(status.message().to_owned()),
+    }
+}
+
+/// Asks the cluster reachable at `seed` to add the replica `(id, addr)` as a learner and then
+/// promote it to voter: how `flotilla federator --join` joins an existing cluster. Follows the
+/// leader hint if `seed` is a follower.
+pub async fn join_cluster(
+    seed: &str,
+    id: NodeId,
+    addr: &str,
+    timeout: Duration,
+) -> Result<(), NodeError> {
+    let attempt = async {
+        let mut target = seed.to_owned();
+        loop {
+            let mut client = AdminServiceClient::connect(format!("http://{target}"))
+                .await
+                .map_err(|e| NodeError::Timeout(format!("cannot reach {target}: {e}")))?;
+            let added = client
+                .add_learner(AddLearnerRequest {
+                    member: Some(Member {
+                        node_id: id,
+                        addr: addr.to_owned(),
+                    }),
+                    blocking: true,
+                })
+                .await;
+            let metrics = match added {
+                Ok(m) => m.into_inner(),
+                Err(status) => match status_error(&status) {
+                    NodeError::ForwardToLeader {
+                        leader_addr: Some(l),
+                        ..
+                    } => {
+                        target = l;
+                        continue;
+                    }
+                    e if e.is_retryable() => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    e => return Err(e),
+                },
+            };
+            let mut voters: Vec<NodeId> = metrics.voters.iter().map(|m| m.node_id).collect();
+            if !voters.contains(&id) {
+                voters.push(id);
+            }
+            client
+                .change_membership(ChangeMembershipRequest {
+                    voters,
+                    retain_as_learners: false,
+                })
+                .await
+                .map_err(|s| status_error(&s))?;
+            return Ok(());
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| NodeError::Timeout(format!("joining the cluster at {seed}")))?
+}
