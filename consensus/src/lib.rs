@@ -16,6 +16,7 @@
 // own constructors would only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
+mod batcher;
 pub mod kv;
 pub mod network;
 mod node;

@@ -15,10 +15,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::batcher::{self, Proposal};
 use crate::network::{Faults, Network};
 use crate::server::{AdminGrpc, LEADER_ADDR_KEY, LEADER_ID_KEY, RaftGrpc};
 use crate::store::{self, LogStats};
-use crate::types::{NodeId, Raft, Request, StateMachine, decode, encode};
+use crate::types::{NodeId, Raft, StateMachine, decode, encode};
 
 /// How a replica runs. Defaults suit a production federator on a LAN.
 #[derive(Debug, Clone)]
@@ -101,7 +102,7 @@ impl NodeConfig {
 }
 
 /// Why a replica could not start or do what it was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
     /// The configuration is unusable.
     #[error("invalid consensus configuration: {0}")]
@@ -150,6 +151,8 @@ pub struct Node<S: StateMachine> {
     app: Arc<Mutex<S>>,
     log_stats: Arc<LogStats>,
     storage_closed: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
+    batcher: Mutex<Option<JoinHandle<()>>>,
     server: Mutex<Option<JoinHandle<()>>>,
     stop_server: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -187,6 +190,7 @@ impl<S: StateMachine> Node<S> {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+        let (proposals, batcher) = batcher::spawn(raft.clone(), config.node_id);
         let (stop_server, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -194,7 +198,10 @@ impl<S: StateMachine> Node<S> {
                 RaftServiceServer::new(RaftGrpc { raft: raft.clone() })
                     .max_decoding_message_size(64 << 20),
             )
-            .add_service(AdminServiceServer::new(AdminGrpc { raft: raft.clone() }));
+            .add_service(AdminServiceServer::new(AdminGrpc {
+                raft: raft.clone(),
+                proposals: proposals.clone(),
+            }));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let id = config.node_id;
         let server = tokio::spawn(async move {
@@ -214,6 +221,8 @@ impl<S: StateMachine> Node<S> {
             app: stores.app,
             log_stats,
             storage_closed: tokio::sync::Mutex::new(Some(stores.closed)),
+            proposals,
+            batcher: Mutex::new(Some(batcher)),
             server: Mutex::new(Some(server)),
             stop_server: Mutex::new(Some(stop_server)),
         })
@@ -277,15 +286,13 @@ impl<S: StateMachine> Node<S> {
     /// committed and applied here. On a follower: [`NodeError::ForwardToLeader`].
     pub async fn propose(&self, command: S::Command) -> Result<S::Response, NodeError> {
         let bytes = encode(&command).map_err(|e| NodeError::Raft(e.to_string()))?;
-        let written = self
-            .raft
-            .client_write(Request(bytes))
-            .await
-            .map_err(|e| match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
-                other => NodeError::Raft(other.to_string()),
-            })?;
-        decode(&written.data.0).map_err(|e| NodeError::Raft(e.to_string()))
+        let (_, response) = self.submit(bytes).await?;
+        decode(&response).map_err(|e| NodeError::Raft(e.to_string()))
+    }
+
+    /// Hands an encoded command to the batcher and waits for its outcome.
+    async fn submit(&self, command: Vec<u8>) -> batcher::Outcome {
+        submit(&self.proposals, command).await
     }
 
     /// Proposes `command` wherever the leader is: here if this replica leads, otherwise
@@ -302,13 +309,7 @@ impl<S: StateMachine> Node<S> {
             loop {
                 let leader = self.metrics().current_leader;
                 let result = if leader == Some(self.id()) {
-                    match self.raft.client_write(Request(bytes.clone())).await {
-                        Ok(w) => Ok(w.data.0),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                            Err(forward(&f))
-                        }
-                        Err(e) => Err(NodeError::Raft(e.to_string())),
-                    }
+                    self.submit(bytes.clone()).await.map(|(_, r)| r)
                 } else {
                     let addr = leader.and_then(|l| {
                         self.metrics()
@@ -402,6 +403,7 @@ impl<S: StateMachine> Node<S> {
     /// directory is released, so the replica can be started again in the same process.
     /// Idempotent.
     pub async fn shutdown(&self) {
+        self.stop_batcher();
         let _ = self.raft.shutdown().await;
         self.await_storage_closed().await;
         let stop = self
@@ -433,8 +435,20 @@ impl<S: StateMachine> Node<S> {
             server.abort();
             let _ = server.await;
         }
+        self.stop_batcher();
         let _ = self.raft.shutdown().await;
         self.await_storage_closed().await;
+    }
+
+    fn stop_batcher(&self) {
+        if let Some(b) = self
+            .batcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            b.abort();
+        }
     }
 
     /// openraft's tasks and the log writer thread let go of the database shortly after Raft
@@ -453,6 +467,20 @@ impl<S: StateMachine> Node<S> {
             );
         }
     }
+}
+
+/// Hands an encoded command to a batcher and waits for its outcome.
+pub(crate) async fn submit(
+    proposals: &tokio::sync::mpsc::Sender<Proposal>,
+    command: Vec<u8>,
+) -> batcher::Outcome {
+    let stopped = || NodeError::Raft("this replica is shutting down".into());
+    let (reply, outcome) = oneshot::channel();
+    proposals
+        .send(Proposal { command, reply })
+        .await
+        .map_err(|_| stopped())?;
+    outcome.await.map_err(|_| stopped())?
 }
 
 /// Sends a proposal to the leader's admin service.

@@ -16,7 +16,7 @@ use openraft::{BasicNode, Snapshot, Vote};
 use serde::Serialize;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::types::{NodeId, Raft, Request as AppRequest, SnapshotMeta, TypeConfig, decode, encode};
+use crate::types::{NodeId, Raft, SnapshotMeta, TypeConfig, decode, encode};
 
 /// Metadata keys naming the leader on a "not the leader" answer.
 pub const LEADER_ID_KEY: &str = "flotilla-leader-id";
@@ -83,6 +83,8 @@ impl RaftService for RaftGrpc {
 #[allow(missing_debug_implementations)]
 pub(crate) struct AdminGrpc {
     pub(crate) raft: Raft,
+    /// The leader batches forwarded proposals with its own.
+    pub(crate) proposals: tokio::sync::mpsc::Sender<crate::batcher::Proposal>,
 }
 
 /// The cluster as this replica sees it.
@@ -199,15 +201,17 @@ impl AdminService for AdminGrpc {
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
         let command = request.into_inner().command;
-        let written = self
-            .raft
-            .client_write(AppRequest(command))
-            .await
-            .map_err(write_error)?;
-        Ok(Response::new(ProposeReply {
-            response: written.data.0,
-            log_index: written.log_id.index,
-        }))
+        match crate::node::submit(&self.proposals, command).await {
+            Ok((log_index, response)) => Ok(Response::new(ProposeReply {
+                response,
+                log_index,
+            })),
+            Err(crate::NodeError::ForwardToLeader {
+                leader_id,
+                leader_addr,
+            }) => Err(not_leader(leader_id.zip(leader_addr))),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 
     async fn linearizable_read(

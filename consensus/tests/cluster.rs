@@ -152,9 +152,16 @@ async fn three_members_elect_replicate_ten_thousand_commands_and_agree() {
         t.await.unwrap();
     }
     let states = c.converged(Duration::from_secs(10)).await;
+    eprintln!("leader log: {:?} (fsyncs, entries)", leader.log_batching());
     assert_eq!(states[0].map.len(), 10_000);
     assert_eq!(states[0].applied, 10_000);
     assert!(states.iter().all(|s| s == &states[0]), "replicas differ");
+    // 50 clients with at most 4 batches in flight: proposals must share entries and fsyncs.
+    let (fsyncs, entries) = leader.log_batching();
+    assert!(
+        fsyncs * 2 < 10_000,
+        "{fsyncs} leader fsyncs ({entries} entries) for 10,000 proposals"
+    );
     c.stop_all().await;
 }
 

@@ -47,6 +47,8 @@ pub struct LogStats {
 enum Write {
     Append {
         entries: Vec<(u64, Vec<u8>)>,
+        /// The newest committed index not yet on disk, riding along.
+        committed: Option<Vec<u8>>,
         done: LogFlushed<TypeConfig>,
     },
     Meta {
@@ -69,6 +71,8 @@ struct Cache {
     entries: BTreeMap<u64, Entry>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId>,
+    /// `committed`, encoded, when it changed since it was last handed to the writer.
+    committed_unsaved: Option<Vec<u8>>,
     last_purged: Option<LogId>,
 }
 
@@ -142,6 +146,7 @@ fn load(db: &Database) -> Result<Cache, std::io::Error> {
         entries: BTreeMap::new(),
         vote: None,
         committed: None,
+        committed_unsaved: None,
         last_purged: None,
     };
     match tx.open_table(LOG) {
@@ -219,9 +224,14 @@ fn commit(db: &Database, batch: &[Write]) -> Result<(), String> {
             let mut meta = tx.open_table(META)?;
             for w in batch {
                 match w {
-                    Write::Append { entries, .. } => {
+                    Write::Append {
+                        entries, committed, ..
+                    } => {
                         for (index, bytes) in entries {
                             log.insert(*index, bytes.as_slice())?;
+                        }
+                        if let Some(c) = committed {
+                            meta.insert(COMMITTED, c.as_slice())?;
                         }
                     }
                     Write::Meta { key, value, .. } => {
@@ -295,21 +305,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Persisting `committed` lets a restarted node re-apply every committed entry to its
-    /// in-memory state machine at once, even as the only member (openraft issue #1246).
+    /// in-memory state machine at once, even as the only member (openraft issue #1246). It
+    /// rides along with the next append instead of costing an fsync of its own: losing the
+    /// newest committed index in a crash only means re-learning it from the leader (a lone
+    /// member re-commits everything when it becomes leader again).
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let bytes = encode(&committed)
             .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
-        self.cache().committed = committed;
-        // Not awaited: losing the newest committed index in a crash only means re-learning it
-        // from the leader, so this rides along with the next batch instead of costing an fsync.
-        let (done, _ignored) = oneshot::channel();
-        self.writer
-            .send(Write::Meta {
-                key: COMMITTED,
-                value: bytes,
-                done,
-            })
-            .map_err(|_| storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped"))
+        let mut c = self.cache();
+        c.committed = committed;
+        c.committed_unsaved = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -326,8 +332,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
+        let committed;
         {
             let mut c = self.cache();
+            committed = c.committed_unsaved.take();
             for entry in entries {
                 let bytes = encode(&entry).map_err(|e| {
                     storage_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, &e)
@@ -339,6 +347,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.writer
             .send(Write::Append {
                 entries: encoded,
+                committed,
                 done: callback,
             })
             .map_err(|_| storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped"))

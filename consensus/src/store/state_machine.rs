@@ -24,7 +24,7 @@ const SNAPSHOT: &str = "snapshot";
 
 /// The application state machine with its bytes interface, so the store is not generic.
 pub(crate) trait Erased: Send + Sync {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, std::io::Error>;
+    fn apply(&mut self, index: u64, batch: &[u8]) -> Result<Vec<u8>, std::io::Error>;
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, bytes: &[u8]) -> Result<(), String>;
 }
@@ -39,10 +39,17 @@ impl<S: StateMachine> Typed<S> {
 }
 
 impl<S: StateMachine> Erased for Typed<S> {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, std::io::Error> {
-        let command: S::Command = decode(command)?;
-        let response = self.state().apply(index, command);
-        encode(&response)
+    /// An entry carries a batch of encoded commands (see `crate::batcher`); each is applied
+    /// in order and answered in order.
+    fn apply(&mut self, index: u64, batch: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+        let commands: Vec<Vec<u8>> = decode(batch)?;
+        let mut state = self.state();
+        let mut responses = Vec::with_capacity(commands.len());
+        for command in commands {
+            let command: S::Command = decode(&command)?;
+            responses.push(encode(&state.apply(index, command))?);
+        }
+        encode(&responses)
     }
 
     fn snapshot(&self) -> Vec<u8> {
