@@ -2,6 +2,8 @@
 //!
 //! This file only parses the command line and dispatches; each command lives in its own module.
 
+mod federator;
+mod raft_admin;
 mod validate;
 
 use std::process::ExitCode;
@@ -28,8 +30,15 @@ enum Command {
     Validate(validate::Args),
     /// Run the whole product on one machine with embedded defaults (not built yet).
     Dev,
-    /// Run one federator replica (not built yet).
-    Federator,
+    /// Run one federator replica: today the Raft-replicated log and its admin service.
+    ///
+    /// First start of a new cluster: `--bootstrap` (one replica) or the same
+    /// `--initial-members 1=host:port,2=…,3=…` on every replica. A replica added later:
+    /// `--join ADDR` of any existing replica. Restarts need none of these: the data directory
+    /// remembers the cluster. Logs go to stderr (`RUST_LOG` filters them).
+    Federator(federator::Args),
+    /// Inspect or change a federator cluster's membership through a replica's admin service.
+    Raft(raft_admin::Args),
     /// Run the agent of one cell (not built yet).
     CellAgent,
 }
@@ -39,9 +48,31 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Dev => not_built("dev", "the Cell agent issue"),
-        Command::Federator => not_built("federator", "the Consensus and Federator issues"),
+        Command::Federator(args) => {
+            init_logging();
+            federator::run(&args)
+        }
+        Command::Raft(args) => raft_admin::run(&args),
         Command::CellAgent => not_built("cell-agent", "the Cell agent issue"),
     }
+}
+
+/// Structured logs on stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Prints an error the way every command does, and returns the failure status.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "error: {e:#}");
+    ExitCode::from(1)
 }
 
 /// Commands that are planned but not built answer clearly instead of pretending.
