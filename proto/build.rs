@@ -2,7 +2,7 @@
 //! building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raft.proto"];
+    let files = ["proto/raft.proto", "proto/etcd_kv.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

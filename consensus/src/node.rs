@@ -202,7 +202,10 @@ impl<S: StateMachine> Node<S> {
                 raft: raft.clone(),
                 proposals: proposals.clone(),
             }));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Raft messages are small and latency-bound: no Nagle delay on accepted connections
+        // (the builder's own nodelay setting applies only to listeners tonic binds itself).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let id = config.node_id;
         let server = tokio::spawn(async move {
             let shutdown = async {

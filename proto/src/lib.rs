@@ -5,6 +5,9 @@
 //! - [`raft`]: `RaftService` between federator replicas (append-entries, vote, streamed
 //!   snapshot install) and `AdminService` for membership, metrics and forwarded writes.
 //!
+//! - [`etcd`]: a wire-compatible subset of etcd's KV API, used only by the consensus benchmark
+//!   to drive etcd as its comparison peer.
+//!
 //! Later issues add the cell session service here, with the pb↔domain conversions for
 //! `flotilla-core` types, so domain crates never name prost types.
 
@@ -18,4 +21,16 @@
 )]
 pub mod raft {
     tonic::include_proto!("flotilla.raft.v1");
+}
+
+/// etcd's `KV.Put` (`etcdserverpb`), for the consensus benchmark.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
 }
