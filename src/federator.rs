@@ -45,17 +45,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return crate::fail(&anyhow::anyhow!("cannot start the runtime: {e}")),
-    };
-    match runtime.block_on(serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => crate::fail(&e),
-    }
+    crate::block_on(true, serve(args))
 }
 
 fn parse_members(list: &[String]) -> anyhow::Result<BTreeMap<NodeId, String>> {

@@ -68,6 +68,26 @@ fn init_logging() {
         .try_init();
 }
 
+/// Runs an async command on a fresh runtime (multi-threaded for servers, single-threaded for
+/// clients) and turns its error into the failure status.
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+    multi_thread: bool,
+    command: F,
+) -> ExitCode {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    match builder.enable_all().build() {
+        Err(e) => fail(&anyhow::anyhow!("cannot start the runtime: {e}")),
+        Ok(runtime) => match runtime.block_on(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+    }
+}
+
 /// Prints an error the way every command does, and returns the failure status.
 fn fail(e: &anyhow::Error) -> ExitCode {
     use std::io::Write;

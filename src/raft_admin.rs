@@ -47,20 +47,10 @@ enum Command {
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return crate::fail(&anyhow::anyhow!("cannot start the runtime: {e}")),
-    };
-    match runtime.block_on(call(args)) {
-        Ok(m) => {
-            print(&m, args.json);
-            ExitCode::SUCCESS
-        }
-        Err(e) => crate::fail(&e),
-    }
+    crate::block_on(false, async {
+        print(&call(args).await?, args.json);
+        Ok(())
+    })
 }
 
 async fn call(args: &Args) -> anyhow::Result<ClusterMetrics> {

@@ -373,6 +373,23 @@ fn leader_by_metrics(e: &Etcd) -> Option<String> {
     })
 }
 
+/// Prints one system's two workloads.
+fn report(system: &str, p: &Pair, o: &Options, fsync_kind: &str) {
+    println!(
+        "{system:<9} 1 client,  {} writes: {}; {:.2} writes per {fsync_kind}",
+        o.single_writes,
+        p.single.show(),
+        o.single_writes as f64 / p.fsyncs.0.max(1) as f64
+    );
+    println!(
+        "{system:<8} {} clients, {} writes: {}; {:.1} writes per {fsync_kind}",
+        o.clients,
+        o.concurrent_writes,
+        p.many.show(),
+        o.concurrent_writes as f64 / p.fsyncs.1.max(1) as f64
+    );
+}
+
 struct Pair {
     single: Result,
     many: Result,
@@ -419,19 +436,7 @@ async fn main() {
     let writes_before = leader.log_batching();
     let fl = run_workloads(flotilla_put(chans), &o, || leader.log_batching().0).await;
     let writes_after = leader.log_batching();
-    println!(
-        "flotilla  1 client,  {} writes: {}; {:.2} writes per leader fsync",
-        o.single_writes,
-        fl.single.show(),
-        o.single_writes as f64 / fl.fsyncs.0.max(1) as f64
-    );
-    println!(
-        "flotilla {} clients, {} writes: {}; {:.1} writes per leader fsync",
-        o.clients,
-        o.concurrent_writes,
-        fl.many.show(),
-        o.concurrent_writes as f64 / fl.fsyncs.1.max(1) as f64
-    );
+    report("flotilla", &fl, &o, "leader fsync");
     println!(
         "flotilla leader log: {} entries in {} fsyncs overall",
         writes_after.1 - writes_before.1,
@@ -463,19 +468,7 @@ async fn main() {
         etcd_wal_fsyncs(&leader_for_metrics).unwrap_or(0)
     })
     .await;
-    println!(
-        "etcd      1 client,  {} writes: {}; {:.2} writes per leader WAL fsync",
-        o.single_writes,
-        et.single.show(),
-        o.single_writes as f64 / et.fsyncs.0.max(1) as f64
-    );
-    println!(
-        "etcd     {} clients, {} writes: {}; {:.1} writes per leader WAL fsync",
-        o.clients,
-        o.concurrent_writes,
-        et.many.show(),
-        o.concurrent_writes as f64 / et.fsyncs.1.max(1) as f64
-    );
+    report("etcd", &et, &o, "leader WAL fsync");
     drop(etcd);
     println!(
         "consensus: single ops/s {:.0} (etcd {:.0}, ratio {:.2}) | {}-client ops/s {:.0} (etcd {:.0}, ratio {:.2})",

@@ -9,7 +9,7 @@ use flotilla_proto::raft::admin_service_client::AdminServiceClient;
 use flotilla_proto::raft::admin_service_server::AdminServiceServer;
 use flotilla_proto::raft::raft_service_server::RaftServiceServer;
 use flotilla_proto::raft::{AddLearnerRequest, ChangeMembershipRequest, Member, ProposeRequest};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, RaftMetrics, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -379,10 +379,7 @@ impl<S: StateMachine> Node<S> {
             )
             .await
             .map(|_| ())
-            .map_err(|e| match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
-                other => NodeError::Raft(other.to_string()),
-            })
+            .map_err(batcher::write_error)
     }
 
     /// Makes exactly `voters` the voting members (learners are promoted; voters not listed are
@@ -396,10 +393,7 @@ impl<S: StateMachine> Node<S> {
             .change_membership(voters, retain)
             .await
             .map(|_| ())
-            .map_err(|e| match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(&f),
-                other => NodeError::Raft(other.to_string()),
-            })
+            .map_err(batcher::write_error)
     }
 
     /// Stops the replica cleanly: Raft first, then the server; returns once the data

@@ -30,6 +30,14 @@ fn put(key: impl Into<String>, value: &str) -> KvCommand {
     }
 }
 
+fn voters_of(node: &KvNode) -> BTreeSet<NodeId> {
+    node.metrics()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
 impl Cluster {
     /// Starts `n` replicas (ids 1..=n) and forms one cluster of them.
     async fn start(n: u64) -> Self {
@@ -428,12 +436,7 @@ async fn a_new_member_joins_through_any_replica_and_a_member_can_be_removed() {
     join_cluster(&c.addrs[&follower], 3, &addr, Duration::from_secs(10))
         .await
         .unwrap();
-    let voters: BTreeSet<NodeId> = c.nodes[&leader]
-        .metrics()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let voters = voters_of(&c.nodes[&leader]);
     assert_eq!(voters, BTreeSet::from([1, 2, 3]));
     let states = c.converged(Duration::from_secs(10)).await;
     assert_eq!(states[2].map.get("x"), Some(&b"1".to_vec()));
@@ -443,12 +446,7 @@ async fn a_new_member_joins_through_any_replica_and_a_member_can_be_removed() {
         .change_membership(BTreeSet::from([leader, 3]), false)
         .await
         .unwrap();
-    let voters: BTreeSet<NodeId> = c.nodes[&leader]
-        .metrics()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let voters = voters_of(&c.nodes[&leader]);
     assert_eq!(voters, BTreeSet::from([leader, 3]));
     c.stop_all().await;
 }
