@@ -153,6 +153,8 @@ pub struct Node<S: StateMachine> {
     storage_closed: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     batcher: Mutex<Option<JoinHandle<()>>>,
+    /// One lazily-connected channel per leader address, for forwarded proposals.
+    leader_channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
     server: Mutex<Option<JoinHandle<()>>>,
     stop_server: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -226,6 +228,7 @@ impl<S: StateMachine> Node<S> {
             storage_closed: tokio::sync::Mutex::new(Some(stores.closed)),
             proposals,
             batcher: Mutex::new(Some(batcher)),
+            leader_channels: Mutex::default(),
             server: Mutex::new(Some(server)),
             stop_server: Mutex::new(Some(stop_server)),
         })
@@ -326,7 +329,7 @@ impl<S: StateMachine> Node<S> {
                             leader_id: None,
                             leader_addr: None,
                         }),
-                        Some(addr) => forward_propose(&addr, bytes.clone()).await,
+                        Some(addr) => self.forward_propose(&addr, bytes.clone()).await,
                     }
                 };
                 match result {
@@ -342,6 +345,35 @@ impl<S: StateMachine> Node<S> {
         tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| NodeError::Timeout("no leader accepted the proposal".into()))?
+    }
+
+    /// Sends a proposal to the leader's admin service over a reused channel.
+    async fn forward_propose(&self, addr: &str, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        let channel = {
+            let mut channels = self
+                .leader_channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match channels.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| NodeError::Raft(format!("bad leader address {addr}: {e}")))?
+                        .connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    channels.insert(addr.to_owned(), c.clone());
+                    c
+                }
+            }
+        };
+        match AdminServiceClient::new(channel)
+            .propose(ProposeRequest { command })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().response),
+            Err(status) => Err(status_error(&status)),
+        }
     }
 
     /// Reads the local state without coordination: fast, possibly stale on a follower.
@@ -478,17 +510,6 @@ pub(crate) async fn submit(
         .await
         .map_err(|_| stopped())?;
     outcome.await.map_err(|_| stopped())?
-}
-
-/// Sends a proposal to the leader's admin service.
-async fn forward_propose(addr: &str, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
-    let mut client = AdminServiceClient::connect(format!("http://{addr}"))
-        .await
-        .map_err(|e| NodeError::Timeout(format!("cannot reach the leader at {addr}: {e}")))?;
-    match client.propose(ProposeRequest { command }).await {
-        Ok(r) => Ok(r.into_inner().response),
-        Err(status) => Err(status_error(&status)),
-    }
 }
 
 /// Turns an admin-service status into a [`NodeError`], keeping the leader hint.
