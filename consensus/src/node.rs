@@ -313,17 +313,22 @@ impl<S: StateMachine> Node<S> {
         let attempt = async {
             let mut delay = Duration::from_millis(20);
             loop {
-                let leader = self.metrics().current_leader;
-                let result = if leader == Some(self.id()) {
-                    self.submit(bytes.clone()).await.map(|(_, r)| r)
-                } else {
+                // One look at the metrics per attempt: the leader and its address together.
+                let (leader, addr) = {
+                    let m = self.raft.metrics();
+                    let m = m.borrow();
+                    let leader = m.current_leader;
                     let addr = leader.and_then(|l| {
-                        self.metrics()
-                            .membership_config
+                        m.membership_config
                             .membership()
                             .get_node(&l)
                             .map(|n| n.addr.clone())
                     });
+                    (leader, addr)
+                };
+                let result = if leader == Some(self.id()) {
+                    self.submit(bytes.clone()).await.map(|(_, r)| r)
+                } else {
                     match addr {
                         None => Err(NodeError::ForwardToLeader {
                             leader_id: None,
