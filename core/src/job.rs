@@ -199,7 +199,9 @@ impl InfraReason {
 
 /// Why an attempt did not succeed. This decides whether it is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "class", rename_all = "snake_case")]
+// Externally tagged (serde's default) because the replicated state is written with postcard,
+// which cannot read internally tagged enums; the API renders its own JSON shape.
+#[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The platform failed the job; retried automatically up to the infra budget.
     Infra {

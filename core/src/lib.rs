@@ -12,12 +12,18 @@
 //! - [`dag`]: job graphs — cycle detection, topological stages, which jobs are ready.
 //! - [`job`]: the job lifecycle of ARCHITECTURE §6 as an explicit transition table, the failure
 //!   taxonomy and the retry decision.
+//! - [`forge`]: the normalised forge event a webhook becomes, and its event variables.
+//! - [`repo`]: the `RepoSource` port that reads `.ci.yaml` at a commit.
+//! - [`state`]: the replicated control state and its deterministic `apply`.
 //! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
 
 pub mod dag;
+pub mod forge;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
+pub mod state;
+pub mod repo;
 pub mod suggest;
 
 pub use ids::{Attempt, BuildId, CellId, Fence, IdError, JobId, PoolName, ProjectId};
