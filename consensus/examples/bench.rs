@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use flotilla_consensus::kv::{KvCommand, KvStore};
@@ -433,15 +434,30 @@ async fn main() {
         .find(|n| n.addr() == f.leader_addr)
         .unwrap()
         .clone();
-    let writes_before = leader.log_batching();
+    let commits = |n: &Node<KvStore>| {
+        let s = n.log_stats();
+        (
+            s.fsyncs.load(Relaxed),
+            s.entries.load(Relaxed),
+            s.commit_micros.load(Relaxed),
+        )
+    };
+    let before: Vec<_> = f.nodes.iter().map(|n| commits(n)).collect();
     let fl = run_workloads(flotilla_put(chans), &o, || leader.log_batching().0).await;
-    let writes_after = leader.log_batching();
     report("flotilla", &fl, &o, "leader fsync");
-    println!(
-        "flotilla leader log: {} entries in {} fsyncs overall",
-        writes_after.1 - writes_before.1,
-        writes_after.0 - writes_before.0
-    );
+    for (n, b) in f.nodes.iter().zip(before) {
+        let a = commits(n);
+        let (fsyncs, entries, micros) = (a.0 - b.0, a.1 - b.1, a.2 - b.2);
+        println!(
+            "flotilla {} log: {entries} entries in {fsyncs} durable commits, {:.3} ms per commit",
+            if Arc::ptr_eq(n, &leader) {
+                "leader  "
+            } else {
+                "follower"
+            },
+            micros as f64 / 1e3 / fsyncs.max(1) as f64
+        );
+    }
     let floor = fsync + rtt * 2;
     println!(
         "single-client p50 {:.2} ms vs one fsync + two round trips {:.2} ms: {:.2}x",

@@ -2,20 +2,27 @@
 //!
 //! openraft 0.9 writes each client request as its own entry and waits for that entry's fsync
 //! before taking the next request, so without batching every proposal costs a full fsync on
-//! the leader. Here proposals queue to one owned task, which packs whatever has accumulated
-//! (up to [`MAX_BATCH_COMMANDS`] commands or [`MAX_BATCH_BYTES`]) into one entry, keeping up
-//! to [`MAX_IN_FLIGHT`] entries in flight so the leader's disk stays busy while earlier entries
-//! replicate. A lone proposal is sent at once: batching adds no delay, it only collects what
-//! arrives while the previous entries are being written.
+//! the leader. Up to [`MAX_IN_FLIGHT`] entries are written at once, so the leader's disk stays
+//! busy while earlier entries replicate.
+//!
+//! A proposal that finds a free slot and nobody queued ahead of it is written at once, from
+//! the proposer's own task: no hand-off to another task and back, which is most of what a lone
+//! client waits for besides the two fsyncs. Otherwise it queues to one owned task, which waits
+//! for a slot and packs whatever has accumulated meanwhile (up to [`MAX_BATCH_COMMANDS`]
+//! commands or [`MAX_BATCH_BYTES`]) into one entry. Batching adds no delay; it only collects
+//! what arrives while earlier entries are being written.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::node::NodeError;
-use crate::types::{NodeId, Raft, Request, decode, encode};
+use crate::types::{ByteStr, NodeId, Raft, Request, decode_borrowed, encode};
 
 /// Most commands in one log entry.
 pub(crate) const MAX_BATCH_COMMANDS: usize = 1024;
@@ -34,20 +41,66 @@ pub(crate) struct Proposal {
     pub(crate) reply: oneshot::Sender<Outcome>,
 }
 
-/// Starts the batching task for `raft`. It ends when every sender is dropped.
-pub(crate) fn spawn(raft: Raft, node: NodeId) -> (mpsc::Sender<Proposal>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
-    let task = tokio::spawn(run(raft, rx, node));
-    (tx, task)
+/// Where proposals go: cheap to clone, shared by the node and its admin service.
+#[derive(Clone)]
+pub(crate) struct Proposer {
+    raft: Raft,
+    queue: mpsc::Sender<Proposal>,
+    /// One permit per batch being written, held by whoever writes it.
+    slots: Arc<Semaphore>,
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, node: NodeId) {
+impl Proposer {
+    /// Proposes one encoded command and waits for its outcome.
+    pub(crate) async fn submit(&self, command: Vec<u8>) -> Outcome {
+        // Nothing queued (so nobody is overtaken) and a free slot: write it here and now.
+        if self.queue.capacity() == self.queue.max_capacity()
+            && let Ok(slot) = self.slots.clone().try_acquire_owned()
+        {
+            let (reply, outcome) = oneshot::channel();
+            write(self.raft.clone(), vec![Proposal { command, reply }], slot).await;
+            return outcome.await.unwrap_or_else(|_| Err(stopped()));
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.queue
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> NodeError {
+    NodeError::Raft("this replica is shutting down".into())
+}
+
+/// Starts the batching task for `raft`. It ends when every [`Proposer`] is dropped.
+pub(crate) fn spawn(raft: Raft, node: NodeId) -> (Proposer, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(4 * MAX_BATCH_COMMANDS);
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let task = tokio::spawn(run(raft.clone(), rx, slots.clone(), node));
+    let proposer = Proposer {
+        raft,
+        queue: tx,
+        slots,
+    };
+    (proposer, task)
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, slots: Arc<Semaphore>, node: NodeId) {
     let mut in_flight = FuturesUnordered::new();
+    // The oldest queued proposal, waiting for a free slot.
+    let mut waiting: Option<Proposal> = None;
     loop {
         tokio::select! {
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            next = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+            next = rx.recv(), if waiting.is_none() => {
                 let Some(first) = next else { break };
+                waiting = Some(first);
+            }
+            slot = slots.clone().acquire_owned(), if waiting.is_some() => {
+                let Ok(slot) = slot else { break };
+                let Some(first) = waiting.take() else { continue };
                 let mut bytes = first.command.len();
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
@@ -59,7 +112,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, node: NodeId) {
                         Err(_) => break,
                     }
                 }
-                in_flight.push(write(raft.clone(), batch));
+                in_flight.push(write(raft.clone(), batch, slot));
             }
         }
     }
@@ -67,21 +120,32 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, node: NodeId) {
     tracing::debug!(node, "Proposal batcher stopped.");
 }
 
-async fn write(raft: Raft, batch: Vec<Proposal>) {
-    let commands: Vec<&[u8]> = batch.iter().map(|p| p.command.as_slice()).collect();
+/// Writes `batch` as one entry and answers each proposal; `slot` is released when done.
+async fn write(raft: Raft, batch: Vec<Proposal>, slot: OwnedSemaphorePermit) {
+    let commands: Vec<ByteStr<'_>> = batch.iter().map(|p| ByteStr(&p.command)).collect();
     let outcome = match encode(&commands) {
         Err(e) => Err(NodeError::Raft(e.to_string())),
-        Ok(bytes) => match raft.client_write(Request(bytes)).await {
-            Ok(written) => decode::<Vec<Vec<u8>>>(&written.data.0)
-                .map(|responses| (written.log_id.index, responses))
-                .map_err(|e| NodeError::Raft(e.to_string())),
+        Ok(bytes) => match raft.client_write(Request(Bytes::from(bytes))).await {
+            Ok(written) => Ok(written),
             Err(e) => Err(write_error(e)),
         },
     };
-    match outcome {
-        Ok((index, responses)) => {
+    drop(slot);
+    let responses = outcome.and_then(|written| {
+        decode_borrowed::<Vec<&[u8]>>(&written.data.0)
+            .map(|responses| {
+                let index = written.log_id.index;
+                responses
+                    .into_iter()
+                    .map(|r| (index, r.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| NodeError::Raft(e.to_string()))
+    });
+    match responses {
+        Ok(responses) => {
             for (p, r) in batch.into_iter().zip(responses) {
-                let _ = p.reply.send(Ok((index, r)));
+                let _ = p.reply.send(Ok(r));
             }
         }
         Err(e) => {

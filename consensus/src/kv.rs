@@ -18,6 +18,7 @@ pub enum KvCommand {
         /// The key.
         key: String,
         /// The new value.
+        #[serde(with = "crate::types::byte_string")]
         value: Vec<u8>,
     },
     /// Remove `key`.

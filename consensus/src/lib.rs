@@ -9,6 +9,7 @@
 //! - [`network`]: the tonic client side (one channel per peer, deadlines, backoff, streamed
 //!   snapshots) and [`network::Faults`] for partition tests.
 //! - [`server`]: the `RaftService` and `AdminService` a replica serves.
+//! - [`tls`]: optional mutual TLS (rustls, ring) for all of it: [`TlsConfig`].
 //! - [`Node`]: a replica behind a typed API — bootstrap, propose (with `ForwardToLeader`),
 //!   forwarding to the leader, linearizable reads, membership changes, shutdown and crash.
 
@@ -22,7 +23,9 @@ pub mod network;
 mod node;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod types;
 
-pub use node::{Node, NodeConfig, NodeError, join_cluster};
+pub use node::{Node, NodeConfig, NodeError, admin_client, join_cluster, join_cluster_tls};
+pub use tls::{TlsConfig, TlsError};
 pub use types::{NodeId, StateMachine};

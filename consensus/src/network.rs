@@ -27,8 +27,10 @@ use openraft::raft::{
 use openraft::{BasicNode, RPCTypes, Snapshot, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::node::describe;
+use crate::tls::{self, TlsConfig};
 use crate::types::{NodeId, TypeConfig, decode, encode};
 
 /// Size of one snapshot chunk on the wire.
@@ -83,6 +85,7 @@ pub struct Network {
     me: NodeId,
     channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
     faults: Option<Faults>,
+    tls: Option<Arc<TlsConfig>>,
 }
 
 impl Network {
@@ -92,17 +95,24 @@ impl Network {
             me,
             channels: Arc::default(),
             faults,
+            tls: None,
         }
     }
 
+    /// Dials peers over mutual TLS with this configuration (`None`: plaintext).
+    pub fn with_tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
     /// The shared channel to `addr`, created on first use.
-    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
         let key = (target, addr.to_owned());
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let channel = tls::endpoint(addr, self.tls.as_deref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -119,10 +129,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             me: self.me,
             target,
-            client: self
-                .channel(target, &node.addr)
-                .map(RaftServiceClient::new)
-                .map_err(|e| e.to_string()),
+            client: self.channel(target, &node.addr).map(RaftServiceClient::new),
             faults: self.faults.clone(),
         }
     }
@@ -179,9 +186,9 @@ impl PeerClient {
         let exchange = async {
             self.pass(me, target).await?;
             let reply = send(client).await.map_err(|status| match status.code() {
-                tonic::Code::Unavailable => CallError::Unreachable(status.message().to_owned()),
+                tonic::Code::Unavailable => CallError::Unreachable(describe(&status)),
                 tonic::Code::DeadlineExceeded => CallError::Timeout,
-                _ => CallError::Network(format!("{}: {}", status.code(), status.message())),
+                _ => CallError::Network(format!("{}: {}", status.code(), describe(&status))),
             })?;
             self.pass(target, me).await?;
             Ok(reply.into_inner().payload)

@@ -15,10 +15,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::batcher::{self, Proposal};
+use crate::batcher::{self, Proposer};
 use crate::network::{Faults, Network};
 use crate::server::{AdminGrpc, LEADER_ADDR_KEY, LEADER_ID_KEY, RaftGrpc};
 use crate::store::{self, LogStats};
+use crate::tls::{self, TlsConfig};
 use crate::types::{NodeId, Raft, StateMachine, decode, encode};
 
 /// How a replica runs. Defaults suit a production federator on a LAN.
@@ -41,6 +42,10 @@ pub struct NodeConfig {
     pub keep_entries_behind_snapshot: u64,
     /// Faults to inject into this replica's outgoing traffic (tests only).
     pub faults: Option<Faults>,
+    /// Mutual TLS for everything this replica serves and dials (peers, forwarded proposals);
+    /// `None` (the default) is plaintext. Every replica of a cluster must agree. See
+    /// [`TlsConfig`] for what the certificates must carry.
+    pub tls: Option<TlsConfig>,
 }
 
 impl NodeConfig {
@@ -59,6 +64,7 @@ impl NodeConfig {
             snapshot_after_entries: 10_000,
             keep_entries_behind_snapshot: 1_000,
             faults: None,
+            tls: None,
         }
     }
 
@@ -151,7 +157,7 @@ pub struct Node<S: StateMachine> {
     app: Arc<Mutex<S>>,
     log_stats: Arc<LogStats>,
     storage_closed: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
-    proposals: tokio::sync::mpsc::Sender<Proposal>,
+    proposals: Proposer,
     batcher: Mutex<Option<JoinHandle<()>>>,
     /// One lazily-connected channel per leader address, for forwarded proposals.
     leader_channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
@@ -178,10 +184,15 @@ impl<S: StateMachine> Node<S> {
         app: S,
     ) -> Result<Self, NodeError> {
         let raft_config = Arc::new(config.raft_config()?);
+        if let Some(tls) = &config.tls {
+            tls.validate()
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+        }
         let stores =
             store::open(&config.data_dir, app).map_err(|e| NodeError::Storage(e.to_string()))?;
         let log_stats = stores.log.stats();
-        let network = Network::new(config.node_id, config.faults.clone());
+        let network =
+            Network::new(config.node_id, config.faults.clone()).with_tls(config.tls.clone());
         let raft = Raft::new(
             config.node_id,
             raft_config,
@@ -194,7 +205,13 @@ impl<S: StateMachine> Node<S> {
 
         let (proposals, batcher) = batcher::spawn(raft.clone(), config.node_id);
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server
+                .tls_config(tls.server())
+                .map_err(|e| NodeError::Config(format!("unusable TLS configuration: {e}")))?;
+        }
+        let router = server
             .tcp_nodelay(true)
             .add_service(
                 RaftServiceServer::new(RaftGrpc { raft: raft.clone() })
@@ -263,6 +280,11 @@ impl<S: StateMachine> Node<S> {
         )
     }
 
+    /// This replica's log-writing counters: fsyncs, entries, and time spent committing.
+    pub fn log_stats(&self) -> &LogStats {
+        &self.log_stats
+    }
+
     /// Forms a new cluster with these voters (`id → address`), this replica among them. Run
     /// once, on one replica, for a brand-new cluster; the others are started and wait.
     pub async fn bootstrap(&self, voters: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
@@ -298,7 +320,7 @@ impl<S: StateMachine> Node<S> {
 
     /// Hands an encoded command to the batcher and waits for its outcome.
     async fn submit(&self, command: Vec<u8>) -> batcher::Outcome {
-        submit(&self.proposals, command).await
+        self.proposals.submit(command).await
     }
 
     /// Proposes `command` wherever the leader is: here if this replica leads, otherwise
@@ -362,8 +384,8 @@ impl<S: StateMachine> Node<S> {
             match channels.get(addr) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| NodeError::Raft(format!("bad leader address {addr}: {e}")))?
+                    let c = tls::endpoint(addr, self.config.tls.as_ref())
+                        .map_err(NodeError::Raft)?
                         .connect_timeout(Duration::from_secs(1))
                         .tcp_nodelay(true)
                         .connect_lazy();
@@ -379,6 +401,13 @@ impl<S: StateMachine> Node<S> {
             Ok(r) => Ok(r.into_inner().response),
             Err(status) => Err(status_error(&status)),
         }
+    }
+
+    /// Joins the cluster reachable at `seed` as this replica (its id, advertised address and
+    /// TLS configuration): [`join_cluster_tls`].
+    pub async fn join(&self, seed: &str, timeout: Duration) -> Result<(), NodeError> {
+        let c = &self.config;
+        join_cluster_tls(seed, c.node_id, &c.advertise_addr, timeout, c.tls.as_ref()).await
     }
 
     /// Reads the local state without coordination: fast, possibly stale on a follower.
@@ -503,20 +532,6 @@ impl<S: StateMachine> Node<S> {
     }
 }
 
-/// Hands an encoded command to a batcher and waits for its outcome.
-pub(crate) async fn submit(
-    proposals: &tokio::sync::mpsc::Sender<Proposal>,
-    command: Vec<u8>,
-) -> batcher::Outcome {
-    let stopped = || NodeError::Raft("this replica is shutting down".into());
-    let (reply, outcome) = oneshot::channel();
-    proposals
-        .send(Proposal { command, reply })
-        .await
-        .map_err(|_| stopped())?;
-    outcome.await.map_err(|_| stopped())?
-}
-
 /// Turns an admin-service status into a [`NodeError`], keeping the leader hint.
 pub(crate) fn status_error(status: &tonic::Status) -> NodeError {
     let md = status.metadata();
@@ -529,27 +544,69 @@ pub(crate) fn status_error(status: &tonic::Status) -> NodeError {
             }
         }
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-            NodeError::Timeout(status.message().to_owned())
+            NodeError::Timeout(describe(status))
         }
-        _ => NodeError::Raft(status.message().to_owned()),
+        _ => NodeError::Raft(describe(status)),
     }
 }
 
+/// A status's message with the errors beneath it: a refused TLS handshake surfaces only as
+/// "transport error", with the reason (say, "received fatal alert: UnknownCA") in its sources.
+pub(crate) fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let e_text = e.to_string();
+        if !text.contains(&e_text) {
+            text = format!("{text}: {e_text}");
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// A client of the admin service of the replica at `addr` (`host:port`), over mutual TLS when
+/// `tls` is set. The connection is made on first use, so errors (unreachable, refused
+/// certificate) show up as the first call's `tonic::Status`.
+pub fn admin_client(
+    addr: &str,
+    tls: Option<&TlsConfig>,
+) -> Result<AdminServiceClient<tonic::transport::Channel>, NodeError> {
+    let channel = tls::endpoint(addr, tls)
+        .map_err(NodeError::Config)?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(AdminServiceClient::new(channel))
+}
+
 /// Asks the cluster reachable at `seed` to add the replica `(id, addr)` as a learner and then
-/// promote it to voter: how `flotilla federator --join` joins an existing cluster. Follows the
-/// leader hint if `seed` is a follower.
+/// promote it to voter, in plaintext; see [`join_cluster_tls`].
 pub async fn join_cluster(
     seed: &str,
     id: NodeId,
     addr: &str,
     timeout: Duration,
 ) -> Result<(), NodeError> {
+    join_cluster_tls(seed, id, addr, timeout, None).await
+}
+
+/// Asks the cluster reachable at `seed` to add the replica `(id, addr)` as a learner and then
+/// promote it to voter: how `flotilla federator --join` joins an existing cluster. Follows the
+/// leader hint if `seed` is a follower, and retries while no leader answers, until `timeout`.
+/// With `tls`, talks mutual TLS (the joining replica's own [`NodeConfig::tls`]).
+pub async fn join_cluster_tls(
+    seed: &str,
+    id: NodeId,
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&TlsConfig>,
+) -> Result<(), NodeError> {
+    let mut last_error = None;
     let attempt = async {
         let mut target = seed.to_owned();
         loop {
-            let mut client = AdminServiceClient::connect(format!("http://{target}"))
-                .await
-                .map_err(|e| NodeError::Timeout(format!("cannot reach {target}: {e}")))?;
+            let mut client = admin_client(&target, tls)?;
             let added = client
                 .add_learner(AddLearnerRequest {
                     member: Some(Member {
@@ -570,6 +627,7 @@ pub async fn join_cluster(
                         continue;
                     }
                     e if e.is_retryable() => {
+                        last_error = Some(format!("{target}: {e}"));
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
@@ -590,7 +648,11 @@ pub async fn join_cluster(
             return Ok(());
         }
     };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| NodeError::Timeout(format!("joining the cluster at {seed}")))?
+    let outcome = tokio::time::timeout(timeout, attempt).await;
+    outcome.map_err(|_| {
+        NodeError::Timeout(match last_error {
+            Some(e) => format!("joining the cluster at {seed}; last error from {e}"),
+            None => format!("joining the cluster at {seed}"),
+        })
+    })?
 }

@@ -84,7 +84,7 @@ impl RaftService for RaftGrpc {
 pub(crate) struct AdminGrpc {
     pub(crate) raft: Raft,
     /// The leader batches forwarded proposals with its own.
-    pub(crate) proposals: tokio::sync::mpsc::Sender<crate::batcher::Proposal>,
+    pub(crate) proposals: crate::batcher::Proposer,
 }
 
 /// The cluster as this replica sees it.
@@ -201,7 +201,7 @@ impl AdminService for AdminGrpc {
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
         let command = request.into_inner().command;
-        match crate::node::submit(&self.proposals, command).await {
+        match self.proposals.submit(command).await {
             Ok((log_index, response)) => Ok(Response::new(ProposeReply {
                 response,
                 log_index,

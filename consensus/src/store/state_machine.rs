@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::log::META;
 use crate::types::{
-    Entry, LogId, Response, SnapshotMeta, StateMachine, StorageError, StoredMembership, TypeConfig,
-    decode, encode, storage_error,
+    ByteStr, Entry, LogId, Response, SnapshotMeta, StateMachine, StorageError, StoredMembership,
+    TypeConfig, decode, decode_borrowed, encode, storage_error,
 };
 use openraft::{ErrorSubject, ErrorVerb};
 
@@ -42,13 +42,15 @@ impl<S: StateMachine> Erased for Typed<S> {
     /// An entry carries a batch of encoded commands (see `crate::batcher`); each is applied
     /// in order and answered in order.
     fn apply(&mut self, index: u64, batch: &[u8]) -> Result<Vec<u8>, std::io::Error> {
-        let commands: Vec<Vec<u8>> = decode(batch)?;
+        let commands: Vec<&[u8]> = decode_borrowed(batch)?;
         let mut state = self.state();
         let mut responses = Vec::with_capacity(commands.len());
         for command in commands {
-            let command: S::Command = decode(&command)?;
+            let command: S::Command = decode(command)?;
             responses.push(encode(&state.apply(index, command))?);
         }
+        drop(state);
+        let responses: Vec<ByteStr<'_>> = responses.iter().map(|r| ByteStr(r)).collect();
         encode(&responses)
     }
 
@@ -65,6 +67,7 @@ impl<S: StateMachine> Erased for Typed<S> {
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
+    #[serde(with = "crate::types::byte_string")]
     data: Vec<u8>,
 }
 
@@ -211,7 +214,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         .apply(entry.log_id.index, &request.0)
                         .map_err(|e| {
                             storage_error(ErrorSubject::Apply(entry.log_id), ErrorVerb::Write, &e)
-                        })?,
+                        })?
+                        .into(),
                 ),
                 EntryPayload::Membership(m) => {
                     inner.last_membership = StoredMembership::new(Some(entry.log_id), m);
