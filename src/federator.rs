@@ -1,36 +1,48 @@
-//! `flotilla federator`: one replica of the federator's Raft cluster.
-//!
-//! Today the replica runs the consensus layer only, replicating a key-value store; the
-//! federator's own state, webhooks and API plug in with the Federator issue.
+//! `flotilla federator`: one replica of the federator — Raft, webhooks, REST API.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use flotilla_consensus::kv::KvStore;
-use flotilla_consensus::{Node, NodeConfig, NodeId, join_cluster};
+use flotilla_consensus::NodeId;
+use flotilla_federator::clock::SystemClock;
+use flotilla_federator::config::FederatorConfig;
+use flotilla_federator::repo::RoutedSource;
+use flotilla_federator::service::{Deps, Federator, Listeners};
 
-/// How a replica finds its cluster: exactly one of these on first start. On later starts
-/// (the data directory already holds a cluster) they are ignored.
+/// A replica is configured by `--config FILE` (YAML, every field documented in
+/// docs/operations.md) or by these flags. How a new replica finds its cluster: exactly one of
+/// --bootstrap, --initial-members, --join on first start; ignored on later starts.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// Read the whole configuration from this YAML file (no other flags allowed with it).
+    #[arg(long, conflicts_with_all = ["node_id", "bootstrap", "initial_members", "join"])]
+    config: Option<PathBuf>,
     /// This replica's id: a positive number, unique in the cluster, stable for the life of
     /// its data directory.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    node_id: NodeId,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), required_unless_present = "config")]
+    node_id: Option<NodeId>,
     /// Address to serve Raft and admin gRPC on.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Address other replicas use to reach this one (default: --listen).
+    /// Address other replicas use to reach this one's gRPC (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// Where this replica keeps its Raft log and snapshots
+    /// Address to serve the HTTP API and webhooks on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Base URL clients use to reach this replica's API (default: http://<--http>).
+    #[arg(long)]
+    http_advertise: Option<String>,
+    /// Where this replica keeps its Raft data and repository cache
     /// (default: ./.flotilla/federator-<node-id>).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A file holding the bootstrap admin token (give every replica the same one).
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Form a new one-replica cluster. Grow it later with `--join` on new replicas.
     #[arg(long, conflicts_with_all = ["initial_members", "join"])]
     bootstrap: bool,
@@ -38,18 +50,20 @@ pub(crate) struct Args {
     /// Start every listed replica with the same list; the one with the lowest id forms it.
     #[arg(long, value_delimiter = ',', conflicts_with = "join")]
     initial_members: Vec<String>,
-    /// Join the existing cluster that the replica at this address belongs to; it is added
-    /// as a learner, catches up, and is promoted to voter.
+    /// Join the existing cluster that the replica at this gRPC address belongs to; it is
+    /// added as a learner, catches up, and is promoted to voter.
     #[arg(long)]
     join: Option<String>,
+    #[command(flatten)]
+    tls: crate::tls_args::TlsArgs,
 }
 
 pub(crate) fn run(args: &Args) -> ExitCode {
     crate::block_on(true, serve(args))
 }
 
-fn parse_members(list: &[String]) -> anyhow::Result<BTreeMap<NodeId, String>> {
-    let mut members = BTreeMap::new();
+fn parse_members(list: &[String]) -> anyhow::Result<std::collections::BTreeMap<NodeId, String>> {
+    let mut members = std::collections::BTreeMap::new();
     for item in list {
         let (id, addr) = item
             .split_once('=')
@@ -65,90 +79,61 @@ fn parse_members(list: &[String]) -> anyhow::Result<BTreeMap<NodeId, String>> {
     Ok(members)
 }
 
-async fn serve(args: &Args) -> anyhow::Result<()> {
-    let advertise = args
-        .advertise
-        .clone()
-        .unwrap_or_else(|| args.listen.to_string());
+fn config_from(args: &Args) -> anyhow::Result<FederatorConfig> {
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return FederatorConfig::from_yaml(&path.display().to_string(), &text)
+            .map_err(anyhow::Error::msg);
+    }
+    let node_id = args.node_id.context("--node-id is required")?;
     let data_dir = args
         .data_dir
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!(".flotilla/federator-{}", args.node_id)));
-    let members = parse_members(&args.initial_members)?;
-    if !members.is_empty() {
-        match members.get(&args.node_id) {
-            None => bail!(
-                "--initial-members does not list this replica (node {}); add `{}={advertise}`",
-                args.node_id,
-                args.node_id
-            ),
-            Some(addr) if *addr != advertise => bail!(
-                "--initial-members gives node {} the address {addr}, but it advertises {advertise}; make them match",
-                args.node_id
-            ),
-            Some(_) => {}
-        }
-    }
-    if !args.bootstrap && members.is_empty() && args.join.is_none() && !data_dir.exists() {
+        .unwrap_or_else(|| PathBuf::from(format!(".flotilla/federator-{node_id}")));
+    let mut c = FederatorConfig::new(node_id, data_dir);
+    c.raft_listen = args.listen;
+    c.raft_advertise = args.advertise.clone();
+    c.http_listen = args.http;
+    c.http_advertise = args.http_advertise.clone();
+    c.admin_token_file = args.admin_token_file.clone();
+    c.cluster.bootstrap = args.bootstrap;
+    c.cluster.initial_members = parse_members(&args.initial_members)?;
+    c.cluster.join = args.join.clone();
+    Ok(c)
+}
+
+async fn serve(args: &Args) -> anyhow::Result<()> {
+    let config = config_from(args)?;
+    config.validate().map_err(anyhow::Error::msg)?;
+    let c = &config.cluster;
+    if !c.bootstrap
+        && c.initial_members.is_empty()
+        && c.join.is_none()
+        && !config.data_dir.join("raft").exists()
+    {
         bail!(
             "a new replica needs to know its cluster: pass --bootstrap, --initial-members or --join"
         );
     }
-
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let raft = tokio::net::TcpListener::bind(config.raft_listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let config = NodeConfig::new(args.node_id, &data_dir, advertise.clone());
-    let node = Node::start(config, listener, KvStore::default()).await?;
-    tracing::info!(
-        node = args.node_id,
-        listen = %args.listen,
-        advertise = %advertise,
-        data_dir = %data_dir.display(),
-        "Federator replica serving Raft and admin gRPC."
-    );
-
-    let initialized = node.raft().is_initialized().await.unwrap_or(false);
-    if !initialized {
-        if args.bootstrap {
-            node.bootstrap(BTreeMap::from([(args.node_id, advertise.clone())]))
-                .await?;
-            tracing::info!(node = args.node_id, "Formed a new one-replica cluster.");
-        } else if members.keys().next() == Some(&args.node_id) {
-            node.bootstrap(members.clone()).await?;
-            tracing::info!(node = args.node_id, members = ?members, "Formed a new cluster.");
-        } else if let Some(seed) = &args.join {
-            join_cluster(seed, args.node_id, &advertise, Duration::from_secs(60))
-                .await
-                .with_context(|| format!("joining the cluster through {seed}"))?;
-            tracing::info!(node = args.node_id, seed = %seed, "Joined the cluster as a voter.");
-        }
-    }
-
-    shutdown_signal().await;
-    tracing::info!(node = args.node_id, "Shutting down.");
-    node.shutdown().await;
+        .with_context(|| format!("cannot listen on {} (gRPC)", config.raft_listen))?;
+    let http = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (HTTP)", config.http_listen))?;
+    let repos = RoutedSource::new(config.data_dir.join("repos"), &config.repos)
+        .context("setting up repository access")?;
+    let deps = Deps {
+        clock: Arc::new(SystemClock),
+        repos: Arc::new(repos),
+        tls: args.tls.load()?,
+    };
+    let node_id = config.node_id;
+    let federator = Federator::start(config, Listeners { raft, http }, deps).await?;
+    tracing::info!(node = node_id, http = %federator.http_addr(), "Ready.");
+    crate::shutdown_signal().await;
+    tracing::info!(node = node_id, "Shutting down.");
+    federator.shutdown().await;
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

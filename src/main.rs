@@ -4,6 +4,7 @@
 
 mod federator;
 mod raft_admin;
+mod tls_args;
 mod validate;
 
 use std::process::ExitCode;
@@ -104,4 +105,26 @@ fn not_built(command: &str, issue: &str) -> ExitCode {
          What works today is listed in the README's status table."
     );
     ExitCode::from(2)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use flotilla_proto::raft::admin_service_client::AdminServiceClient;
 use flotilla_proto::raft::{
     AddLearnerRequest, ChangeMembershipRequest, ClusterMetrics, Member, MetricsRequest,
 };
@@ -21,6 +20,8 @@ pub(crate) struct Args {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    tls: crate::tls_args::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,8 +55,8 @@ pub(crate) fn run(args: &Args) -> ExitCode {
 }
 
 async fn call(args: &Args) -> anyhow::Result<ClusterMetrics> {
-    let mut client = AdminServiceClient::connect(format!("http://{}", args.addr))
-        .await
+    let tls = args.tls.load()?;
+    let mut client = flotilla_consensus::admin_client(&args.addr, tls.as_ref())
         .with_context(|| format!("cannot reach a federator replica at {}", args.addr))?;
     let status = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
     let reply = match &args.command {

@@ -103,8 +103,8 @@ impl ForgeEvent {
     }
 
     /// The full git ref the build runs: `refs/heads/<branch>`, `refs/tags/<tag>`, or for a
-    /// pull request `refs/pull/<n>/head` (GitHub's name; the loader fetches the commit by sha
-    /// and falls back to the source branch).
+    /// pull request its source branch. Loaders fetch the commit by sha first (forges serve
+    /// pull-request heads, fork ones included, by id) and use this ref only as a fallback.
     pub fn git_ref(&self) -> String {
         match self {
             ForgeEvent::Push { branch, .. } => format!("refs/heads/{branch}"),

@@ -708,7 +708,10 @@ mod tests {
             reason: InfraReason::ImagePull,
         })
         .unwrap();
-        assert_eq!(json, r#"{"class":"infra","reason":"image_pull"}"#);
+        // Externally tagged, so postcard (the replicated state's format) can read it back.
+        assert_eq!(json, r#"{"infra":{"reason":"image_pull"}}"#);
+        let back: FailureClass = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_string(), "Infra{ImagePull}");
     }
 
     fn arb_phase() -> impl Strategy<Value = JobPhase> {

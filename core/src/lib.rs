@@ -22,8 +22,8 @@ pub mod forge;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
-pub mod state;
 pub mod repo;
+pub mod state;
 pub mod suggest;
 
 pub use ids::{Attempt, BuildId, CellId, Fence, IdError, JobId, PoolName, ProjectId};

@@ -1,7 +1,23 @@
 //! `flotilla-federator`: the front door and the brain of Flotilla.
 //!
-//! Planned layout (ARCHITECTURE §1, §9, §10): the axum HTTP server (webhook intake, REST API,
-//! UI, SSE log tail, metrics, health), pipeline loading from git after a webhook is committed,
-//! the leader's placement loop, the cell session service, and the history projector.
-//!
-//! Status: empty until the Federator issue.
+//! Layout (ARCHITECTURE §1, §9, §10):
+//! - [`config`]: the replica's typed configuration.
+//! - [`machine`]: `flotilla-core`'s replicated `State` as the consensus state machine.
+//! - [`service`]: a running replica — Raft node, HTTP server, leader reactor — with
+//!   `start`/`shutdown`.
+//! - [`http`]: webhooks, the REST API, OpenAPI, health.
+//! - [`webhook`]: signature checks and payload parsing for GitHub and GitLab.
+//! - [`loader`]: pipeline loading after a delivery is committed.
+//! - [`repo`]: `RepoSource` adapters (git, GitHub and GitLab file APIs).
+//! - [`reactor`]: what the leader does with committed events.
+//! - [`clock`]: injected time.
+
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod loader;
+pub mod machine;
+pub mod reactor;
+pub mod repo;
+pub mod service;
+pub mod webhook;

@@ -30,6 +30,7 @@ fn free_addr() -> String {
 fn spawn(id: u64, addr: &str, dir: &Path, how: &[&str]) -> Replica {
     let child = flotilla()
         .args(["federator", "--node-id", &id.to_string(), "--listen", addr])
+        .args(["--http", &free_addr()])
         .arg("--data-dir")
         .arg(dir.join(format!("r{id}")))
         .args(how)

@@ -72,6 +72,10 @@ impl State {
                 self.cancel_build(build, CancelReason::User, now_ms, &mut events)
             }
             Command::RetryBuild { build, now_ms } => self.retry_build(build, now_ms, &mut events),
+            Command::AnnounceReplica { node_id, http_url } => {
+                self.replicas.insert(node_id, http_url);
+                Ok(Response::Ok)
+            }
             Command::Prune { now_ms } => {
                 self.prune_deliveries(now_ms);
                 Ok(Response::Ok)

@@ -64,6 +64,9 @@ pub struct State {
     pub cells: BTreeMap<CellId, Cell>,
     /// Counters for ids handed out by `apply`.
     pub next_ids: NextIds,
+    /// Each replica's HTTP base URL by Raft node id, so a follower can send a client to the
+    /// leader (`307`) for reads that must be linearizable.
+    pub replicas: BTreeMap<u64, String>,
 }
 
 /// The next id of each kind `apply` hands out (ids start at 1).
@@ -500,6 +503,13 @@ pub enum Command {
         build: BuildId,
         /// Leader time.
         now_ms: u64,
+    },
+    /// A replica announces the HTTP base URL it serves the API on.
+    AnnounceReplica {
+        /// Its Raft node id.
+        node_id: u64,
+        /// Its HTTP base URL, such as `http://10.0.0.5:8080`.
+        http_url: String,
     },
     /// Forgets delivery keys older than [`DELIVERY_RETENTION_MS`].
     Prune {
