@@ -59,8 +59,9 @@ impl StateMachine for KvStore {
         KvResponse { index, previous }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        encode(self).unwrap_or_default()
+    fn snapshot(&self) -> crate::types::SnapshotEncoder {
+        let copy = self.clone();
+        Box::new(move || encode(&copy).unwrap_or_default())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {

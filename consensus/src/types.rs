@@ -77,6 +77,9 @@ pub(crate) mod byte_string {
     }
 }
 
+/// Produces a snapshot's bytes; see [`StateMachine::snapshot`].
+pub type SnapshotEncoder = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
 /// The deterministic state machine a cluster replicates.
 ///
 /// `apply` must be a pure function of the state and the command (no clock, no randomness,
@@ -91,8 +94,10 @@ pub trait StateMachine: Send + Sync + 'static {
     /// Applies a committed command; `index` is its log index.
     fn apply(&mut self, index: u64, command: Self::Command) -> Self::Response;
 
-    /// The whole state, encoded.
-    fn snapshot(&self) -> Vec<u8>;
+    /// Captures the state for a snapshot. Called with the state locked, so it should only
+    /// take a cheap copy (shared or persistent data); the returned encoder produces the bytes
+    /// later, off the lock and off the async runtime, while commands keep being applied.
+    fn snapshot(&self) -> SnapshotEncoder;
 
     /// Replaces the state with a snapshot made by [`StateMachine::snapshot`].
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;

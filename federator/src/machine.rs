@@ -52,15 +52,13 @@ impl StateMachine for Machine {
         applied.response
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        /// Serialises exactly like [`Snapshot`] without cloning the state.
-        #[derive(serde::Serialize)]
-        enum SnapshotRef<'a> {
-            V1(&'a State),
-        }
+    fn snapshot(&self) -> flotilla_consensus::types::SnapshotEncoder {
+        // Job specs are shared (`Arc`), so this copy is cheap next to encoding, which runs
+        // later without the lock.
+        let state = self.state.clone();
         // Encoding plain in-memory data cannot fail; an empty snapshot would be refused on
         // restore rather than silently accepted.
-        postcard::to_stdvec(&SnapshotRef::V1(&self.state)).unwrap_or_default()
+        Box::new(move || postcard::to_stdvec(&Snapshot::V1(state)).unwrap_or_default())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {

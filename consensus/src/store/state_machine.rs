@@ -25,7 +25,7 @@ const SNAPSHOT: &str = "snapshot";
 /// The application state machine with its bytes interface, so the store is not generic.
 pub(crate) trait Erased: Send + Sync {
     fn apply(&mut self, index: u64, batch: &[u8]) -> Result<Vec<u8>, std::io::Error>;
-    fn snapshot(&self) -> Vec<u8>;
+    fn snapshot(&self) -> crate::types::SnapshotEncoder;
     fn restore(&mut self, bytes: &[u8]) -> Result<(), String>;
 }
 
@@ -54,7 +54,7 @@ impl<S: StateMachine> Erased for Typed<S> {
         encode(&responses)
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> crate::types::SnapshotEncoder {
         self.state().snapshot()
     }
 
@@ -162,7 +162,9 @@ fn load_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, std::io::Error
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let stored = {
+        // Under the lock: only the metadata and a cheap capture of the state, so applying
+        // (and with it every client's answer) pauses for as short a time as possible.
+        let (meta, encoder) = {
             let mut inner = self.inner();
             inner.snapshots_built += 1;
             let last = inner.last_applied;
@@ -170,16 +172,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshots_built),
                 None => format!("--{}", inner.snapshots_built),
             };
-            StoredSnapshot {
-                meta: SnapshotMeta {
-                    last_log_id: last,
-                    last_membership: inner.last_membership.clone(),
-                    snapshot_id,
-                },
-                data: inner.app.snapshot(),
-            }
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: inner.last_membership.clone(),
+                snapshot_id,
+            };
+            (meta, inner.app.snapshot())
         };
-        self.persist(&stored)?;
+        // Encoding and writing a large snapshot (megabytes, one fsync) is blocking work: keep
+        // it off the runtime's worker threads, which carry replication and client traffic.
+        let store = self.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let stored = StoredSnapshot {
+                meta,
+                data: encoder(),
+            };
+            store.persist(&stored).map(|()| stored)
+        })
+        .await
+        .map_err(|e| {
+            storage_error(
+                ErrorSubject::Snapshot(None),
+                ErrorVerb::Write,
+                format!("snapshot writer task failed: {e}"),
+            )
+        })??;
         let snapshot = Snapshot {
             meta: stored.meta.clone(),
             snapshot: Box::new(stored.data.clone()),

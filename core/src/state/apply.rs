@@ -343,7 +343,7 @@ impl State {
                     id: *job,
                     build: id,
                     project: project.clone(),
-                    spec,
+                    spec: std::sync::Arc::new(spec),
                     needs,
                     dependents: dependents.remove(job).unwrap_or_default(),
                     run,

@@ -19,6 +19,7 @@ mod apply;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -284,8 +285,9 @@ pub struct Job {
     pub build: BuildId,
     /// Its build's project (kept here so tenant checks need one lookup).
     pub project: ProjectId,
-    /// What to run, resolved for this build.
-    pub spec: JobSpec,
+    /// What to run, resolved for this build (shared, so copying the state for a snapshot does
+    /// not copy every spec).
+    pub spec: Arc<JobSpec>,
     /// The jobs it needs, by id.
     pub needs: Vec<JobId>,
     /// The jobs that need it.
