@@ -202,6 +202,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_the_operations_guide_is_a_valid_configuration() {
+        let doc = include_str!("../../docs/operations.md");
+        let start = doc.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = FederatorConfig::from_yaml("operations.md", &doc[start..end]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cluster.initial_members.len(), 3);
+        assert!(c.repos.github.is_some() && c.repos.gitlab.is_some());
+    }
+
+    #[test]
     fn two_ways_to_find_the_cluster_are_refused() {
         let mut c = FederatorConfig::new(1, "/x");
         c.cluster.bootstrap = true;
