@@ -110,7 +110,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     if !c.bootstrap
         && c.initial_members.is_empty()
         && c.join.is_none()
-        && !config.data_dir.join("raft").exists()
+        && !config.raft_dir().exists()
     {
         bail!(
             "a new replica needs to know its cluster: pass --bootstrap, --initial-members or --join"

@@ -169,6 +169,11 @@ impl FederatorConfig {
         Ok(())
     }
 
+    /// Where the Raft log and snapshots live, inside `data_dir`.
+    pub fn raft_dir(&self) -> PathBuf {
+        self.data_dir.join("raft")
+    }
+
     /// The gRPC address peers use.
     pub fn raft_advertise(&self) -> String {
         self.raft_advertise

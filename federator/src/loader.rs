@@ -19,12 +19,12 @@ use flotilla_core::state::{Build, Project, Resolution};
 const READ_ATTEMPTS: u32 = 5;
 
 /// Reads the project's pipeline at the build's commit and resolves it. Returns the commit
-/// read and the resolution to commit.
+/// read (`None` if nothing could be read and the build named none) and the resolution.
 pub async fn load(
     repos: &dyn RepoSource,
     project: &Project,
     build: &Build,
-) -> (String, Resolution) {
+) -> (Option<String>, Resolution) {
     let location = RepoLocation {
         provider: project.provider,
         url: project.repo_url.clone(),
@@ -47,7 +47,6 @@ pub async fn load(
             other => break other,
         }
     };
-    let sha_or_ref = || build.sha.clone().unwrap_or_default();
     match fetched {
         Ok(file) => {
             let resolution = resolve(
@@ -57,10 +56,10 @@ pub async fn load(
                 &file.sha,
                 &project.repo_url,
             );
-            (file.sha, resolution)
+            (Some(file.sha), resolution)
         }
         Err(e) => (
-            sha_or_ref(),
+            build.sha.clone(),
             Resolution::Failed(read_error(path, &build.git_ref, &project.repo_url, &e)),
         ),
     }

@@ -94,11 +94,7 @@ impl Federator {
             return Err(StartError::Config("the admin token file is empty".into()));
         }
         let advertise = config.raft_advertise();
-        let mut node_config = NodeConfig::new(
-            config.node_id,
-            config.data_dir.join("raft"),
-            advertise.clone(),
-        );
+        let mut node_config = NodeConfig::new(config.node_id, config.raft_dir(), advertise.clone());
         node_config.tls = deps.tls.clone();
         let (machine, events) = Machine::new();
         let node = Arc::new(Node::start(node_config, listeners.raft, machine).await?);

@@ -262,7 +262,7 @@ impl State {
     fn resolve(
         &mut self,
         id: BuildId,
-        sha: String,
+        sha: Option<String>,
         resolution: Resolution,
         now_ms: u64,
         events: &mut Vec<Event>,
@@ -356,7 +356,9 @@ impl State {
             );
         }
         let build = self.builds.get_mut(&id).expect("checked above");
-        build.sha = Some(sha);
+        if sha.is_some() {
+            build.sha = sha;
+        }
         build.jobs = ids;
         build.concurrency_group = concurrency.map(|(g, _)| g);
         build.held = held;
@@ -372,14 +374,16 @@ impl State {
     fn finish_without_jobs(
         &mut self,
         id: BuildId,
-        sha: String,
+        sha: Option<String>,
         status: BuildStatus,
         message: String,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
         let build = self.builds.get_mut(&id).expect("caller checked");
-        build.sha = Some(sha);
+        if sha.is_some() {
+            build.sha = sha;
+        }
         build.status = status;
         build.error = Some(message);
         build.finished_at_ms = Some(now_ms);

@@ -458,8 +458,9 @@ pub enum Command {
     ResolvePipeline {
         /// The build.
         build: BuildId,
-        /// The commit the pipeline was read at.
-        sha: String,
+        /// The commit the pipeline was read at; `None` when it could not be read and the
+        /// build did not name one (a manual build by ref).
+        sha: Option<String>,
         /// Jobs, or why there are none.
         resolution: Resolution,
         /// Leader time.

@@ -95,7 +95,7 @@ impl World {
         let now_ms = self.now;
         self.ok(Command::ResolvePipeline {
             build: b,
-            sha: SHA.into(),
+            sha: Some(SHA.into()),
             resolution: Resolution::Jobs {
                 jobs: jobs(yaml),
                 concurrency: group.map(|(g, c)| (g.to_owned(), c)),
@@ -382,7 +382,7 @@ fn a_broken_or_untriggered_pipeline_ends_the_build_with_the_reason() {
     let (b, _) = w.ingest(None, push("main"));
     w.ok(Command::ResolvePipeline {
         build: b,
-        sha: SHA.into(),
+        sha: Some(SHA.into()),
         resolution: Resolution::Failed(".ci.yaml:3:5: unknown key `jobz`".into()),
         now_ms: 7,
     });
@@ -403,7 +403,7 @@ fn a_broken_or_untriggered_pipeline_ends_the_build_with_the_reason() {
     let (s, _) = w.ingest(None, push("feature"));
     w.ok(Command::ResolvePipeline {
         build: s,
-        sha: SHA.into(),
+        sha: Some(SHA.into()),
         resolution: Resolution::Skipped("pushed branch `feature` is not in `branches`".into()),
         now_ms: 9,
     });
@@ -411,7 +411,7 @@ fn a_broken_or_untriggered_pipeline_ends_the_build_with_the_reason() {
     // A second resolution (a new leader re-loading) is refused and changes nothing.
     let again = w.apply(Command::ResolvePipeline {
         build: s,
-        sha: SHA.into(),
+        sha: Some(SHA.into()),
         resolution: Resolution::Jobs {
             jobs: jobs(DIAMOND),
             concurrency: None,
