@@ -2,7 +2,11 @@
 //! building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/raft.proto", "proto/etcd_kv.proto"];
+    let files = [
+        "proto/raft.proto",
+        "proto/etcd_kv.proto",
+        "proto/cell.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

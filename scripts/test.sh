@@ -22,7 +22,7 @@ if command -v rustup >/dev/null && ! rustup toolchain list | grep -q "^$pinned";
 fi
 
 # Debian packages the tests use. Installed only when missing, so repeated runs cost nothing.
-need_packages=(git)
+need_packages=(git bubblewrap)
 missing=()
 for pkg in "${need_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

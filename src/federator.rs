@@ -54,6 +54,20 @@ pub(crate) struct Args {
     /// added as a learner, catches up, and is promoted to voter.
     #[arg(long)]
     join: Option<String>,
+    /// Address to serve cell-agent sessions on (gRPC). Served only with --cell-token-file or
+    /// --cell-tls-ca.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    cells_listen: std::net::SocketAddr,
+    /// Address cell agents use to reach this replica's cell service (default: --cells-listen).
+    #[arg(long)]
+    cells_advertise: Option<String>,
+    /// A file holding the token cell agents without a client certificate present.
+    #[arg(long, env = "FLOTILLA_CELL_TOKEN_FILE")]
+    cell_token_file: Option<PathBuf>,
+    /// PEM CA bundle cell agents' client certificates must chain to (each certificate names
+    /// its cell id as a DNS name). The cell service then presents --tls-cert/--tls-key.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    cell_tls_ca: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::tls_args::TlsArgs,
 }
@@ -100,6 +114,9 @@ fn config_from(args: &Args) -> anyhow::Result<FederatorConfig> {
     c.cluster.bootstrap = args.bootstrap;
     c.cluster.initial_members = parse_members(&args.initial_members)?;
     c.cluster.join = args.join.clone();
+    c.cells.listen = args.cells_listen;
+    c.cells.advertise = args.cells_advertise.clone();
+    c.cells.bootstrap_token_file = args.cell_token_file.clone();
     Ok(c)
 }
 
@@ -124,13 +141,37 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (HTTP)", config.http_listen))?;
     let repos = RoutedSource::new(config.data_dir.join("repos"), &config.repos)
         .context("setting up repository access")?;
+    let tls = args.tls.load()?;
+    let cell_tls = match (&args.cell_tls_ca, &tls) {
+        (Some(ca), Some(tls)) => {
+            let mut t = tls.clone();
+            t.ca_pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read the cell CA bundle {}", ca.display()))?;
+            Some(t)
+        }
+        _ => None,
+    };
+    let cells = if cell_tls.is_some() || config.cells.bootstrap_token_file.is_some() {
+        Some(
+            tokio::net::TcpListener::bind(config.cells.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (cells)", config.cells.listen))?,
+        )
+    } else {
+        tracing::warn!(
+            "No cell sessions: pass --cell-token-file or --cell-tls-ca to let cell agents connect."
+        );
+        None
+    };
     let deps = Deps {
         clock: Arc::new(SystemClock),
         repos: Arc::new(repos),
-        tls: args.tls.load()?,
+        tls,
+        cell_tls,
     };
     let node_id = config.node_id;
-    let federator = Federator::start(config, Listeners { raft, http }, deps).await?;
+    let listeners = Listeners { raft, http, cells };
+    let federator = Federator::start(config, listeners, deps).await?;
     tracing::info!(node = node_id, http = %federator.http_addr(), "Ready.");
     crate::shutdown_signal().await;
     tracing::info!(node = node_id, "Shutting down.");

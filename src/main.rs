@@ -2,6 +2,8 @@
 //!
 //! This file only parses the command line and dispatches; each command lives in its own module.
 
+mod cell_agent;
+mod dev;
 mod federator;
 mod raft_admin;
 mod tls_args;
@@ -29,8 +31,13 @@ enum Command {
     ///
     /// Exit status: 0 when every file is valid, 1 when any is not, 2 when a file cannot be read.
     Validate(validate::Args),
-    /// Run the whole product on one machine with embedded defaults (not built yet).
-    Dev,
+    /// Run the whole product on one machine with embedded defaults.
+    ///
+    /// A one-member federator and `--cells` local cells in one process, every piece of state
+    /// under `--data-dir` (restart on the same directory to keep projects and builds). Jobs
+    /// run as processes sandboxed with bubblewrap when it is installed. Prints the API URL
+    /// and an admin token (also written to `<data-dir>/admin-token`). Ctrl-C stops it.
+    Dev(dev::Args),
     /// Run one federator replica: today the Raft-replicated log and its admin service.
     ///
     /// First start of a new cluster: `--bootstrap` (one replica) or the same
@@ -40,21 +47,31 @@ enum Command {
     Federator(federator::Args),
     /// Inspect or change a federator cluster's membership through a replica's admin service.
     Raft(raft_admin::Args),
-    /// Run the agent of one cell (not built yet).
-    CellAgent,
+    /// Run the agent of one cell: dials the federator, runs the jobs it is assigned.
+    ///
+    /// Runs jobs with the local backend (sandboxed processes); the Kubernetes backend is not
+    /// built yet. Authenticate with a client certificate naming the cell (--tls-*) or the
+    /// federator's cell bootstrap token (--token-file).
+    CellAgent(cell_agent::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => validate::run(&args),
-        Command::Dev => not_built("dev", "the Cell agent issue"),
+        Command::Dev(args) => {
+            init_logging();
+            dev::run(&args)
+        }
         Command::Federator(args) => {
             init_logging();
             federator::run(&args)
         }
         Command::Raft(args) => raft_admin::run(&args),
-        Command::CellAgent => not_built("cell-agent", "the Cell agent issue"),
+        Command::CellAgent(args) => {
+            init_logging();
+            cell_agent::run(&args)
+        }
     }
 }
 
@@ -94,17 +111,6 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "error: {e:#}");
     ExitCode::from(1)
-}
-
-/// Commands that are planned but not built answer clearly instead of pretending.
-fn not_built(command: &str, issue: &str) -> ExitCode {
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "error: `flotilla {command}` is not built yet; it arrives with {issue}. \
-         What works today is listed in the README's status table."
-    );
-    ExitCode::from(2)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,7 +1,15 @@
-//! `flotilla-cell-agent`: the agent that runs in every cell.
+//! `flotilla-cell-agent`: the agent that runs in every cell (ARCHITECTURE §8).
 //!
-//! Planned layout (ARCHITECTURE §8): the session client (leases, fences, heartbeats), runner
-//! backends (`local` sandboxed processes, `kubernetes` pods), warm pools and the total-workload
-//! autoscaler, the reaper, log shipping, and the artifact and secret brokers.
+//! Layout:
+//! - [`agent`]: the session with the federator leader (hello, heartbeats, assignments,
+//!   reports with at-least-once delivery, revocation) and the reaper.
+//! - [`backend`]: runner backends behind `flotilla_core::runner::RunnerBackend` — `local`
+//!   (sandboxed process trees) — and the conformance suite every backend must pass.
 //!
-//! Status: empty until the Cell agent issue.
+//! Still to come (later issues): the `kubernetes` backend, warm pools and the total-workload
+//! autoscaler, log shipping, and the artifact and secret brokers.
+
+pub mod agent;
+pub mod backend;
+
+pub use agent::{Agent, AgentAuth, AgentConfig, AgentStats};

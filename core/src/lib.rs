@@ -12,8 +12,10 @@
 //! - [`dag`]: job graphs — cycle detection, topological stages, which jobs are ready.
 //! - [`job`]: the job lifecycle of ARCHITECTURE §6 as an explicit transition table, the failure
 //!   taxonomy and the retry decision.
+//! - [`placement`]: where queued jobs go (the interim first-fit policy).
 //! - [`forge`]: the normalised forge event a webhook becomes, and its event variables.
 //! - [`repo`]: the `RepoSource` port that reads `.ci.yaml` at a commit.
+//! - [`runner`]: the `RunnerBackend` port that runs one job attempt in isolation.
 //! - [`state`]: the replicated control state and its deterministic `apply`.
 //! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
 
@@ -22,7 +24,9 @@ pub mod forge;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
+pub mod placement;
 pub mod repo;
+pub mod runner;
 pub mod state;
 pub mod suggest;
 

@@ -160,10 +160,15 @@ async fn start_cluster(
             clock: Arc::new(SystemClock),
             repos,
             tls: None,
+            cell_tls: None,
         };
         starting.push(tokio::spawn(Federator::start(
             c,
-            Listeners { raft, http },
+            Listeners {
+                raft,
+                http,
+                cells: None,
+            },
             deps,
         )));
     }

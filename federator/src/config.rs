@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -45,6 +46,75 @@ pub struct FederatorConfig {
     /// How pipelines are read from repositories.
     #[serde(default)]
     pub repos: RepoConfig,
+    /// Sessions with cell agents.
+    #[serde(default)]
+    pub cells: CellsConfig,
+    /// Where job output files are read from for `GET /api/v1/jobs/{id}/logs` (the local
+    /// cells of `flotilla dev` write there). Unset: the endpoint says logs are not available
+    /// on this installation yet.
+    #[serde(default)]
+    pub logs_dir: Option<PathBuf>,
+}
+
+/// Sessions with cell agents (ARCHITECTURE §6, §8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellsConfig {
+    /// Where the cell-session gRPC service listens.
+    #[serde(default = "default_cells_listen")]
+    pub listen: SocketAddr,
+    /// How agents reach this replica's cell service, announced so followers can send agents
+    /// to the leader (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// How often agents heartbeat, such as `2s`.
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Heartbeats a cell may miss before it is suspect.
+    #[serde(default = "default_missed")]
+    pub missed_heartbeats: u32,
+    /// How long a suspect cell has before its jobs are re-queued elsewhere, such as `10s`.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub grace: Duration,
+    /// A file holding the token agents without a client certificate present (one line).
+    /// Meant for `flotilla dev` and trials; production cells use mutual TLS.
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
+}
+
+impl Default for CellsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_cells_listen(),
+            advertise: None,
+            heartbeat_interval: default_heartbeat(),
+            missed_heartbeats: default_missed(),
+            grace: default_grace(),
+            bootstrap_token_file: None,
+        }
+    }
+}
+
+fn default_cells_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7401))
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_missed() -> u32 {
+    3
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration like `2s`: {e}")))
 }
 
 /// Exactly one way to find the cluster on first start; ignored once the data directory holds
@@ -116,6 +186,8 @@ impl FederatorConfig {
             admin_token_file: None,
             webhook_rate: RateConfig::default(),
             repos: RepoConfig::default(),
+            cells: CellsConfig::default(),
+            logs_dir: None,
         }
     }
 
@@ -163,6 +235,11 @@ impl FederatorConfig {
                 Some(_) => {}
             }
         }
+        if self.cells.heartbeat_interval.is_zero() || self.cells.missed_heartbeats == 0 {
+            return Err(
+                "cells.heartbeat_interval and cells.missed_heartbeats must be positive".into(),
+            );
+        }
         if self.webhook_rate.per_second == 0 || self.webhook_rate.burst == 0 {
             return Err("webhook_rate.per_second and webhook_rate.burst must be positive".into());
         }
@@ -179,6 +256,23 @@ impl FederatorConfig {
         self.raft_advertise
             .clone()
             .unwrap_or_else(|| self.raft_listen.to_string())
+    }
+
+    /// The cell-session address agents use, given the address actually bound.
+    pub fn cells_advertise(&self, bound: SocketAddr) -> String {
+        self.cells
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string())
+    }
+
+    /// The timing of cell sessions.
+    pub fn cell_timing(&self) -> crate::cells::CellTiming {
+        crate::cells::CellTiming {
+            heartbeat_interval: self.cells.heartbeat_interval,
+            missed_heartbeats: self.cells.missed_heartbeats,
+            grace: self.cells.grace,
+        }
     }
 
     /// The HTTP base URL clients use, given the address actually bound.

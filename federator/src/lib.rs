@@ -10,8 +10,10 @@
 //! - [`loader`]: pipeline loading after a delivery is committed.
 //! - [`repo`]: `RepoSource` adapters (git, GitHub and GitLab file APIs).
 //! - [`reactor`]: what the leader does with committed events.
+//! - [`cells`]: cell agent sessions, the placement loop and lease expiry.
 //! - [`clock`]: injected time.
 
+pub mod cells;
 pub mod clock;
 pub mod config;
 pub mod http;

@@ -17,6 +17,7 @@ use flotilla_core::state::{BuildStatus, Command, Entry, Event, Response};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::cells::CellHub;
 use crate::clock::Clock;
 use crate::loader;
 use crate::machine::{Events, Machine};
@@ -42,6 +43,8 @@ pub struct Reactor {
     pub clock: Arc<dyn Clock>,
     /// Committed events.
     pub events: Events,
+    /// Cell sessions, told about assignments and leadership.
+    pub cells: Arc<CellHub>,
 }
 
 impl Reactor {
@@ -62,7 +65,10 @@ impl Reactor {
             let now_leading = metrics.borrow().current_leader == Some(id);
             if now_leading && !leading {
                 tracing::info!(node = id, "Leading: resuming pending pipeline loads.");
+                self.cells.set_leading(true);
                 self.load_pending(&mut loads, &mut in_flight, &permits);
+            } else if leading && !now_leading {
+                self.cells.set_leading(false);
             }
             leading = now_leading;
             tokio::select! {
@@ -76,6 +82,7 @@ impl Reactor {
                     if !leading {
                         continue;
                     }
+                    self.cells.on_events(&events);
                     for e in events {
                         if let Event::BuildCreated(b) = e {
                             self.spawn_load(b, &mut loads, &mut in_flight, &permits);

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cells::CellHub;
 use crate::clock::Clock;
 use crate::config::FederatorConfig;
 use crate::http::{self, App};
@@ -27,6 +28,8 @@ pub struct Listeners {
     pub raft: TcpListener,
     /// HTTP API and webhooks.
     pub http: TcpListener,
+    /// The cell-session gRPC service; `None` serves no cells.
+    pub cells: Option<TcpListener>,
 }
 
 /// What a replica needs from outside.
@@ -38,6 +41,9 @@ pub struct Deps {
     pub repos: Arc<dyn RepoSource>,
     /// Mutual TLS between replicas, if configured.
     pub tls: Option<TlsConfig>,
+    /// Mutual TLS for cell sessions, if configured: this replica's server certificate and
+    /// the CA that cell certificates must chain to.
+    pub cell_tls: Option<TlsConfig>,
 }
 
 /// Why a replica could not start.
@@ -63,6 +69,9 @@ pub struct Federator {
     http: JoinHandle<()>,
     reactor: JoinHandle<()>,
     announcer: JoinHandle<()>,
+    cell_tasks: Vec<JoinHandle<()>>,
+    cells: Arc<CellHub>,
+    cells_addr: Option<SocketAddr>,
 }
 
 /// How long shutdown waits for in-flight HTTP requests.
@@ -93,6 +102,32 @@ impl Federator {
         if admin_token.as_deref() == Some("") {
             return Err(StartError::Config("the admin token file is empty".into()));
         }
+        let cell_token = match &config.cells.bootstrap_token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        StartError::Io(format!(
+                            "cannot read cells.bootstrap_token_file {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_owned();
+                if t.is_empty() {
+                    return Err(StartError::Config(
+                        "the cell bootstrap token file is empty".into(),
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        if listeners.cells.is_some() && cell_token.is_none() && deps.cell_tls.is_none() {
+            return Err(StartError::Config(
+                "cell sessions need mutual TLS or cells.bootstrap_token_file; neither is set"
+                    .into(),
+            ));
+        }
         let advertise = config.raft_advertise();
         let mut node_config = NodeConfig::new(config.node_id, config.raft_dir(), advertise.clone());
         node_config.tls = deps.tls.clone();
@@ -105,11 +140,42 @@ impl Federator {
             .local_addr()
             .map_err(|e| StartError::Io(e.to_string()))?;
         let (stop, stopped) = watch::channel(false);
+        let cells = CellHub::new(
+            node.clone(),
+            deps.clock.clone(),
+            config.cell_timing(),
+            cell_token,
+        );
+        let mut cell_tasks = vec![
+            tokio::spawn(cells.clone().run_scheduler(stopped.clone())),
+            tokio::spawn(cells.clone().run_lease_monitor(stopped.clone())),
+        ];
+        let mut cells_addr = None;
+        if let Some(listener) = listeners.cells {
+            let bound = listener
+                .local_addr()
+                .map_err(|e| StartError::Io(e.to_string()))?;
+            cells_addr = Some(bound);
+            cell_tasks.push(tokio::spawn(crate::cells::serve(
+                cells.clone(),
+                listener,
+                deps.cell_tls.clone(),
+                stopped.clone(),
+            )));
+            cell_tasks.push(tokio::spawn(announce_cells(
+                node.clone(),
+                config.node_id,
+                config.cells_advertise(bound),
+                stopped.clone(),
+            )));
+        }
         let app = Arc::new(App::new(
             node.clone(),
             deps.clock.clone(),
             admin_token.as_deref(),
             config.webhook_rate,
+            cells.clone(),
+            config.logs_dir.clone(),
         ));
         let router = http::router(app);
         let mut http_stop = stopped.clone();
@@ -133,6 +199,7 @@ impl Federator {
             repos: deps.repos.clone(),
             clock: deps.clock.clone(),
             events,
+            cells: cells.clone(),
         };
         let reactor = tokio::spawn(reactor.run(stopped.clone()));
         let announcer = tokio::spawn(announce(
@@ -154,7 +221,20 @@ impl Federator {
             http,
             reactor,
             announcer,
+            cell_tasks,
+            cells,
+            cells_addr,
         })
+    }
+
+    /// Where the cell-session service listens, if it does.
+    pub fn cells_addr(&self) -> Option<SocketAddr> {
+        self.cells_addr
+    }
+
+    /// Cell sessions on this replica.
+    pub fn cells(&self) -> &Arc<CellHub> {
+        &self.cells
     }
 
     /// Where the HTTP API listens.
@@ -173,6 +253,9 @@ impl Federator {
         let _ = tokio::time::timeout(HTTP_DRAIN, self.http).await;
         let _ = self.reactor.await;
         let _ = self.announcer.await;
+        for t in self.cell_tasks {
+            let _ = tokio::time::timeout(HTTP_DRAIN, t).await;
+        }
         self.node.shutdown().await;
     }
 
@@ -181,6 +264,9 @@ impl Federator {
         self.http.abort();
         self.reactor.abort();
         self.announcer.abort();
+        for t in &self.cell_tasks {
+            t.abort();
+        }
         self.node.crash().await;
     }
 }
@@ -236,6 +322,38 @@ async fn announce(
         {
             Ok(_) => return,
             Err(e) => tracing::debug!(error = %e, "Announcing the API address failed; retrying."),
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Tells the cluster where this replica serves cell sessions (for `NotLeader` hints).
+async fn announce_cells(
+    node: Arc<Node<Machine>>,
+    node_id: u64,
+    addr: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let known = node.read(|m| m.state().cell_endpoints.get(&node_id) == Some(&addr));
+        if known {
+            return;
+        }
+        let command = Entry::V1(Command::AnnounceCellEndpoint {
+            node_id,
+            addr: addr.clone(),
+        });
+        match node
+            .propose_via_leader(command, Duration::from_secs(10))
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::debug!(error = %e, "Announcing the cell address failed; retrying."),
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

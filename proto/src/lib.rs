@@ -8,8 +8,8 @@
 //! - [`etcd`]: a wire-compatible subset of etcd's KV API, used only by the consensus benchmark
 //!   to drive etcd as its comparison peer.
 //!
-//! Later issues add the cell session service here, with the pb↔domain conversions for
-//! `flotilla-core` types, so domain crates never name prost types.
+//! - [`cellpb`]: `CellService`, the session between a cell agent and the federator leader;
+//!   [`cell`] converts its messages to and from `flotilla-core` types.
 
 /// Raft peer and admin services (`flotilla.raft.v1`).
 #[allow(
@@ -34,3 +34,17 @@ pub mod raft {
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
+
+/// The cell session service (`flotilla.cell.v1`).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod cellpb {
+    tonic::include_proto!("flotilla.cell.v1");
+}
+
+pub mod cell;

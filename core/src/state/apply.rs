@@ -3,13 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    Applied, Build, BuildStatus, CancelReason, Command, DELIVERY_RETENTION_MS, Delivery,
-    DeliveryKey, Event, Job, Project, ProjectPatch, ProjectSpec, Rejection, Resolution, Response,
-    State,
+    Applied, Build, BuildStatus, CancelReason, Cell, CellSpec, CellState, Command,
+    DELIVERY_RETENTION_MS, Delivery, DeliveryKey, Event, Job, Project, ProjectPatch, ProjectSpec,
+    Rejection, Resolution, Response, RunnerTimes, State,
 };
 use crate::forge::ForgeEvent;
-use crate::ids::{BuildId, Fence, JobId, ProjectId};
-use crate::job::{JobError, JobEvent, JobPhase, JobRun, Outcome};
+use crate::ids::{BuildId, CellId, Fence, JobId, ProjectId};
+use crate::job::{InfraReason, JobError, JobEvent, JobPhase, JobRun, Outcome};
 use crate::pipeline::JobSpec;
 
 type Reply = Result<Response, Rejection>;
@@ -59,9 +59,12 @@ impl State {
                 }
                 Ok(Response::Ok)
             }
-            Command::JobStarted { job, fence, now_ms } => {
-                self.job_started(job, fence, now_ms, &mut events)
-            }
+            Command::JobStarted {
+                job,
+                fence,
+                runner,
+                now_ms,
+            } => self.job_started(job, fence, runner, now_ms, &mut events),
             Command::JobFinished {
                 job,
                 fence,
@@ -78,6 +81,17 @@ impl State {
             }
             Command::Prune { now_ms } => {
                 self.prune_deliveries(now_ms);
+                Ok(Response::Ok)
+            }
+            Command::RegisterCell { spec, now_ms } => {
+                self.register_cell(spec, now_ms, &mut events);
+                Ok(Response::Ok)
+            }
+            Command::ExpireLeases { cell, now_ms } => {
+                self.expire_leases(&cell, now_ms, &mut events)
+            }
+            Command::AnnounceCellEndpoint { node_id, addr } => {
+                self.cell_endpoints.insert(node_id, addr);
                 Ok(Response::Ok)
             }
         };
@@ -351,6 +365,8 @@ impl State {
                     queued_at_ms: None,
                     started_at_ms: None,
                     finished_at_ms: None,
+                    placed_at_ms: None,
+                    runner: RunnerTimes::default(),
                     version: 1,
                 },
             );
@@ -434,6 +450,11 @@ impl State {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
+        // The scheduler only picks active cells; this guards against a cell lost or cordoned
+        // between its snapshot and this entry.
+        if self.cells.get(&cell).map(|c| c.state) != Some(CellState::Active) {
+            return;
+        }
         let Some(j) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -447,6 +468,8 @@ impl State {
             return;
         }
         j.version += 1;
+        j.placed_at_ms = Some(now_ms);
+        j.runner = RunnerTimes::default();
         let build = j.build;
         events.push(Event::JobChanged(job));
         events.push(Event::JobAssigned { job, cell, fence });
@@ -457,6 +480,7 @@ impl State {
         &mut self,
         job: JobId,
         fence: Fence,
+        runner: RunnerTimes,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> Reply {
@@ -468,6 +492,7 @@ impl State {
             .apply(JobEvent::Started { fence })
             .map_err(|e| job_rejection(job, e))?;
         j.started_at_ms = Some(now_ms);
+        j.runner = runner;
         j.version += 1;
         let build = j.build;
         events.push(Event::JobChanged(job));
@@ -680,6 +705,77 @@ impl State {
                 self.queue_ready(next, now_ms, events);
             }
         }
+    }
+
+    fn register_cell(&mut self, spec: CellSpec, now_ms: u64, events: &mut Vec<Event>) {
+        let cell = self.cells.entry(spec.id.clone()).or_insert_with(|| Cell {
+            id: spec.id.clone(),
+            region: String::new(),
+            labels: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            agent_version: String::new(),
+            state: CellState::Active,
+            registered_at_ms: now_ms,
+            last_seen_ms: now_ms,
+        });
+        cell.region = spec.region;
+        cell.labels = spec.labels;
+        cell.pools = spec.pools;
+        cell.agent_version = spec.agent_version;
+        cell.last_seen_ms = now_ms;
+        if cell.state == CellState::Lost {
+            cell.state = CellState::Active;
+        }
+        events.push(Event::CellChanged(spec.id));
+    }
+
+    /// Marks a cell lost and takes every job it holds away from it (ARCHITECTURE §6).
+    fn expire_leases(&mut self, cell: &CellId, now_ms: u64, events: &mut Vec<Event>) -> Reply {
+        let c = self
+            .cells
+            .get_mut(cell)
+            .ok_or_else(|| Rejection::NotFound(format!("cell `{cell}`")))?;
+        if c.state != CellState::Lost {
+            c.state = CellState::Lost;
+            events.push(Event::CellChanged(cell.clone()));
+        }
+        let held: Vec<JobId> = self.jobs_on(cell).map(|j| j.id).collect();
+        let mut requeued = Vec::new();
+        let mut builds = BTreeSet::new();
+        for id in held {
+            let j = self.jobs.get_mut(&id).expect("listed above");
+            let fence = j.run.fence().expect("a job on a cell has a fence");
+            let lost = JobEvent::LeaseLost {
+                reason: InfraReason::CellLost,
+            };
+            let Ok(phase) = j.run.apply(lost) else {
+                continue;
+            };
+            j.version += 1;
+            j.started_at_ms = None;
+            j.placed_at_ms = None;
+            builds.insert(j.build);
+            events.push(Event::JobChanged(id));
+            events.push(Event::JobRevoked {
+                job: id,
+                cell: cell.clone(),
+                fence,
+            });
+            if phase == JobPhase::Queued {
+                j.queued_at_ms = Some(now_ms);
+                requeued.push(id);
+            } else {
+                j.finished_at_ms = Some(now_ms);
+                self.doom_dependents(id, now_ms, events);
+            }
+        }
+        if !requeued.is_empty() {
+            events.push(Event::JobsQueued(requeued));
+        }
+        for b in builds {
+            self.refresh_build(b, now_ms, events);
+        }
+        Ok(Response::Ok)
     }
 
     fn prune_deliveries(&mut self, now_ms: u64) {

@@ -32,6 +32,9 @@ use crate::pipeline::JobSpec;
 /// GitHub lets users redeliver for 3 days and GitLab retries for hours; 7 days covers both.
 pub const DELIVERY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
+/// The pool a job runs in when its pipeline names none.
+pub const DEFAULT_POOL: &str = "default";
+
 /// A Raft log entry, versioned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Entry {
@@ -68,6 +71,9 @@ pub struct State {
     /// Each replica's HTTP base URL by Raft node id, so a follower can send a client to the
     /// leader (`307`) for reads that must be linearizable.
     pub replicas: BTreeMap<u64, String>,
+    /// Each replica's cell-session gRPC address by Raft node id, so a follower can send a
+    /// cell agent to the leader.
+    pub cell_endpoints: BTreeMap<u64, String>,
 }
 
 /// The next id of each kind `apply` hands out (ids start at 1).
@@ -302,8 +308,22 @@ pub struct Job {
     pub started_at_ms: Option<u64>,
     /// When it ended.
     pub finished_at_ms: Option<u64>,
+    /// When its current attempt was placed on a cell (the `PlaceJobs` entry's time).
+    pub placed_at_ms: Option<u64>,
+    /// What the runner reported about the current attempt's start (the cell's clock).
+    pub runner: RunnerTimes,
     /// Bumped on every change.
     pub version: u64,
+}
+
+/// When a cell received an assignment and its runner started the first step, as the cell
+/// reports them (its own clock), so latency from webhook to runner can be broken down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerTimes {
+    /// When the cell agent received the assignment (ms since the Unix epoch).
+    pub delivered_at_ms: Option<u64>,
+    /// When the runner started executing the first step.
+    pub started_at_ms: Option<u64>,
 }
 
 impl Job {
@@ -329,6 +349,18 @@ pub enum CellState {
     Lost,
 }
 
+impl CellState {
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CellState::Active => "active",
+            CellState::Cordoned => "cordoned",
+            CellState::Draining { .. } => "draining",
+            CellState::Lost => "lost",
+        }
+    }
+}
+
 /// A registered cell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
@@ -338,10 +370,31 @@ pub struct Cell {
     pub region: String,
     /// Its labels, for placement constraints.
     pub labels: BTreeMap<String, String>,
+    /// Its runner pools: name → most runners it can run at once.
+    pub pools: BTreeMap<String, u32>,
+    /// The agent's version, as it said hello.
+    pub agent_version: String,
     /// Whether it takes work.
     pub state: CellState,
-    /// When it last said hello or heartbeated.
+    /// When it first registered.
+    pub registered_at_ms: u64,
+    /// When it last registered (said hello on a new session).
     pub last_seen_ms: u64,
+}
+
+/// What a cell agent says about itself when it opens a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellSpec {
+    /// Its id.
+    pub id: CellId,
+    /// Its region.
+    pub region: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its pools: name → most runners at once.
+    pub pools: BTreeMap<String, u32>,
+    /// The agent's version.
+    pub agent_version: String,
 }
 
 /// Settings of a project, as created or replaced.
@@ -479,6 +532,8 @@ pub enum Command {
         job: JobId,
         /// The fence the runner holds.
         fence: Fence,
+        /// What the cell reported about the start.
+        runner: RunnerTimes,
         /// Leader time.
         now_ms: u64,
     },
@@ -518,6 +573,30 @@ pub enum Command {
     Prune {
         /// Leader time.
         now_ms: u64,
+    },
+    /// A cell agent opened a session: registers the cell or updates what it says about
+    /// itself. A `Lost` cell becomes `Active` again; `Cordoned` and `Draining` stay.
+    RegisterCell {
+        /// What the agent said.
+        spec: CellSpec,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A cell missed its heartbeats past the grace period: it is `Lost`, and every job
+    /// leased to it or running on it is re-queued as `Infra{CellLost}` with a new attempt
+    /// (or fails, once its infra retries are spent).
+    ExpireLeases {
+        /// The cell.
+        cell: CellId,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A replica announces the address its cell-session gRPC service listens on.
+    AnnounceCellEndpoint {
+        /// Its Raft node id.
+        node_id: u64,
+        /// `host:port`.
+        addr: String,
     },
 }
 
@@ -581,6 +660,8 @@ pub enum Event {
         /// The fence it was running under.
         fence: Fence,
     },
+    /// A cell registered or changed state.
+    CellChanged(CellId),
     /// A job was placed on a cell under a fence: tell the cell.
     JobAssigned {
         /// The job.
@@ -625,5 +706,21 @@ impl State {
     /// Jobs waiting for a cell, oldest first.
     pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> {
         self.jobs.values().filter(|j| j.phase() == JobPhase::Queued)
+    }
+
+    /// Jobs leased to or running on `cell`.
+    pub fn jobs_on<'a>(&'a self, cell: &'a CellId) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs
+            .values()
+            .filter(move |j| j.run.cell() == Some(cell))
+    }
+
+    /// The pool a job runs in: its `placement.pool`, or `default`.
+    pub fn pool_of(job: &Job) -> &str {
+        job.spec
+            .placement
+            .pool
+            .as_ref()
+            .map_or(DEFAULT_POOL, |p| p.as_str())
     }
 }

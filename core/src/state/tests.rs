@@ -17,6 +17,16 @@ fn project(id: &str) -> ProjectSpec {
     }
 }
 
+fn cell_spec(id: &str) -> CellSpec {
+    CellSpec {
+        id: CellId::new(id).unwrap(),
+        region: "eu".into(),
+        labels: BTreeMap::new(),
+        pools: BTreeMap::from([("default".to_owned(), 4)]),
+        agent_version: "test".into(),
+    }
+}
+
 fn push(branch: &str) -> ForgeEvent {
     ForgeEvent::Push {
         branch: branch.into(),
@@ -55,7 +65,16 @@ impl World {
             spec: project("web"),
             now_ms: 1,
         });
+        w.register("eu-1");
         w
+    }
+
+    fn register(&mut self, cell: &str) {
+        let now_ms = self.now;
+        self.ok(Command::RegisterCell {
+            spec: cell_spec(cell),
+            now_ms,
+        });
     }
 
     fn apply(&mut self, c: Command) -> Applied {
@@ -127,7 +146,12 @@ impl World {
         let fence = self.place(b, name);
         let job = self.job(b, name).id;
         let now_ms = self.now;
-        self.ok(Command::JobStarted { job, fence, now_ms });
+        self.ok(Command::JobStarted {
+            job,
+            fence,
+            runner: RunnerTimes::default(),
+            now_ms,
+        });
         self.ok(Command::JobFinished {
             job,
             fence,
@@ -279,6 +303,7 @@ fn infra_failures_are_retried_with_a_new_fence_and_stale_fences_are_refused() {
     w.ok(Command::JobStarted {
         job,
         fence: old,
+        runner: RunnerTimes::default(),
         now_ms: 1,
     });
     w.ok(Command::JobFinished {
@@ -459,6 +484,8 @@ enum Step {
     Finish(usize, u8),
     Cancel,
     Retry,
+    Expire,
+    Register,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -468,6 +495,8 @@ fn step() -> impl Strategy<Value = Step> {
         (0..4usize, 0..4u8).prop_map(|(j, o)| Step::Finish(j, o)),
         Just(Step::Cancel),
         Just(Step::Retry),
+        Just(Step::Expire),
+        Just(Step::Register),
     ]
 }
 
@@ -493,6 +522,7 @@ proptest! {
                 Step::Start(i) => Command::JobStarted {
                     job: w.job(b, names[i]).id,
                     fence: w.job(b, names[i]).run.fence().unwrap_or(Fence(0)),
+                    runner: RunnerTimes::default(),
                     now_ms: w.now,
                 },
                 Step::Finish(i, o) => Command::JobFinished {
@@ -508,6 +538,8 @@ proptest! {
                 },
                 Step::Cancel => Command::CancelBuild { build: b, now_ms: w.now },
                 Step::Retry => Command::RetryBuild { build: b, now_ms: w.now },
+                Step::Expire => Command::ExpireLeases { cell: CellId::new("eu-1").unwrap(), now_ms: w.now },
+                Step::Register => Command::RegisterCell { spec: cell_spec("eu-1"), now_ms: w.now },
             };
             let before = w.state.clone();
             let applied = w.apply(cmd);
@@ -531,4 +563,162 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_lost_cell_gives_up_its_jobs_with_a_new_attempt_and_they_are_revoked_there() {
+    let mut w = World::new();
+    w.register("eu-2");
+    let b = w.build_with(DIAMOND, None);
+    let fence = w.place(b, "a");
+    let job = w.job(b, "a").id;
+    let now_ms = w.now;
+    w.ok(Command::JobStarted {
+        job,
+        fence,
+        runner: RunnerTimes::default(),
+        now_ms,
+    });
+
+    let cell = CellId::new("eu-1").unwrap();
+    let applied = w.ok(Command::ExpireLeases {
+        cell: cell.clone(),
+        now_ms,
+    });
+    assert_eq!(w.state.cells[&cell].state, CellState::Lost);
+    assert_eq!(w.phase(b, "a"), JobPhase::Queued);
+    let a = w.job(b, "a");
+    assert_eq!(a.run.attempt().get(), 2);
+    assert_eq!(
+        a.run.failure(),
+        Some(FailureClass::Infra {
+            reason: InfraReason::CellLost
+        })
+    );
+    assert!(applied.events.contains(&Event::JobRevoked {
+        job,
+        cell: cell.clone(),
+        fence
+    }));
+    assert!(applied.events.contains(&Event::JobsQueued(vec![job])));
+
+    // Nothing can be placed on the lost cell; the other cell takes the job under a new fence.
+    let stale = w.apply(Command::PlaceJobs {
+        placements: vec![Placement {
+            job,
+            cell: cell.clone(),
+            lease_expires_at_ms: 0,
+        }],
+        now_ms,
+    });
+    assert!(stale.events.is_empty(), "placed on a lost cell: {stale:?}");
+    assert_eq!(w.phase(b, "a"), JobPhase::Queued);
+    w.ok(Command::PlaceJobs {
+        placements: vec![Placement {
+            job,
+            cell: CellId::new("eu-2").unwrap(),
+            lease_expires_at_ms: 0,
+        }],
+        now_ms,
+    });
+    let new_fence = w.job(b, "a").run.fence().unwrap();
+    assert!(new_fence > fence);
+
+    // The old runner's report is refused; the cell comes back active.
+    let late = w.apply(Command::JobFinished {
+        job,
+        fence,
+        outcome: Outcome::Succeeded,
+        now_ms,
+    });
+    assert!(matches!(
+        late.response,
+        Response::Rejected(Rejection::StaleFence { .. })
+    ));
+    w.register("eu-1");
+    assert_eq!(w.state.cells[&cell].state, CellState::Active);
+}
+
+#[test]
+fn a_job_whose_infra_retries_are_spent_fails_when_its_cell_is_lost_and_dooms_its_dependents() {
+    let mut w = World::new();
+    let b = w.build_with(
+        "version: 1\njobs:\n  a: { run: 'true', retry: { infra: 0 } }\n  b: { run: 'true', needs: [a] }\n",
+        None,
+    );
+    w.place(b, "a");
+    let now_ms = w.now;
+    w.ok(Command::ExpireLeases {
+        cell: CellId::new("eu-1").unwrap(),
+        now_ms,
+    });
+    assert_eq!(w.phase(b, "a"), JobPhase::Failed);
+    assert_eq!(w.phase(b, "b"), JobPhase::Cancelled);
+    assert_eq!(w.status(b), BuildStatus::Failed);
+}
+
+#[test]
+fn expiring_an_unknown_cell_is_refused() {
+    let mut w = World::new();
+    let a = w.apply(Command::ExpireLeases {
+        cell: CellId::new("nowhere").unwrap(),
+        now_ms: 1,
+    });
+    assert!(matches!(
+        a.response,
+        Response::Rejected(Rejection::NotFound(_))
+    ));
+}
+
+#[test]
+fn first_fit_fills_live_active_cells_up_to_their_pool_size_oldest_job_first() {
+    let mut w = World::new();
+    w.register("eu-2");
+    let b = w.build_with(
+        "version: 1\njobs:\n  a: { run: 'true' }\n  b: { run: 'true' }\n  c: { run: 'true' }\n  d: { run: 'true', placement: { pool: gpu } }\n",
+        None,
+    );
+    let eu1 = CellId::new("eu-1").unwrap();
+    let eu2 = CellId::new("eu-2").unwrap();
+    // Pool `default` holds 4 per cell; eu-1 already runs one job of another build.
+    let other = w.build_with("version: 1\njobs:\n  x: { run: 'true' }\n", None);
+    let cell_specs = [("eu-1", 2u32), ("eu-2", 4)];
+    for (c, n) in cell_specs {
+        let mut spec = cell_spec(c);
+        spec.pools = BTreeMap::from([("default".to_owned(), n)]);
+        let now_ms = w.now;
+        w.ok(Command::RegisterCell { spec, now_ms });
+    }
+    w.place(other, "x");
+
+    // Only eu-1 has a session: one free runner there, so only the oldest job goes.
+    let live = BTreeSet::from([eu1.clone()]);
+    let p = crate::placement::first_fit(&w.state, &live, 5, 100, 10);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].job, w.job(b, "a").id);
+    assert_eq!(p[0].cell, eu1);
+    assert_eq!(p[0].lease_expires_at_ms, 105);
+
+    // Both live: a to eu-1, b and c to eu-2; d wants a pool no cell has.
+    let live = BTreeSet::from([eu1.clone(), eu2.clone()]);
+    let p = crate::placement::first_fit(&w.state, &live, 5, 100, 10);
+    let cells: Vec<(JobId, CellId)> = p.into_iter().map(|p| (p.job, p.cell)).collect();
+    assert_eq!(
+        cells,
+        vec![
+            (w.job(b, "a").id, eu1.clone()),
+            (w.job(b, "b").id, eu2.clone()),
+            (w.job(b, "c").id, eu2.clone()),
+        ]
+    );
+
+    // A cordoned or lost cell takes nothing; the limit caps the batch.
+    let now_ms = w.now;
+    w.ok(Command::ExpireLeases {
+        cell: eu1.clone(),
+        now_ms,
+    });
+    let p = crate::placement::first_fit(&w.state, &live, 5, 100, 2);
+    assert_eq!(p.len(), 2);
+    assert!(p.iter().all(|p| p.cell == eu2));
 }

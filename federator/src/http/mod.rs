@@ -6,6 +6,7 @@
 
 mod api;
 mod auth;
+mod cells;
 mod openapi;
 pub mod problem;
 mod views;
@@ -22,6 +23,7 @@ use flotilla_core::ids::ProjectId;
 use flotilla_core::state::{Command, Entry, Response, State};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use crate::cells::CellHub;
 use crate::clock::Clock;
 use crate::config::RateConfig;
 use crate::machine::Machine;
@@ -43,6 +45,8 @@ pub struct App {
     clock: Arc<dyn Clock>,
     admin_hash: Option<String>,
     limiter: DefaultKeyedRateLimiter<ProjectId>,
+    cells: Arc<CellHub>,
+    logs_dir: Option<std::path::PathBuf>,
 }
 
 impl App {
@@ -52,6 +56,8 @@ impl App {
         clock: Arc<dyn Clock>,
         admin_token: Option<&str>,
         rate: RateConfig,
+        cells: Arc<CellHub>,
+        logs_dir: Option<std::path::PathBuf>,
     ) -> Self {
         let per_second =
             std::num::NonZeroU32::new(rate.per_second).unwrap_or(std::num::NonZeroU32::MIN);
@@ -61,6 +67,8 @@ impl App {
             clock,
             admin_hash: admin_token.map(hash_token),
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            cells,
+            logs_dir,
         }
     }
 
@@ -128,6 +136,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/builds/{id}/cancel", post(api::cancel_build))
         .route("/builds/{id}/retry", post(api::retry_build))
         .route("/jobs/{id}", get(api::get_job))
+        .route("/jobs/{id}/logs", get(cells::job_logs))
+        .route("/cells", get(cells::list_cells))
         .route("/cluster", get(api::cluster))
         .route("/tokens", post(api::create_token))
         .route("/tokens/{id}", axum::routing::delete(api::revoke_token))
@@ -138,6 +148,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(webhooks)
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(cells::metrics))
         .route("/readyz", get(api::ready))
         .with_state(app)
 }

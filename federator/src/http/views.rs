@@ -215,6 +215,49 @@ pub(super) struct JobDetail {
     /// The current placement's fence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fence: Option<u64>,
+    /// Where the current attempt's start time went.
+    pub timings: JobTimings,
+}
+
+/// When the current attempt reached each step on its way to a runner. `placed_at` is the
+/// leader's clock; `delivered_at` and `runner_started_at` are the cell's.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct JobTimings {
+    /// When it was placed on a cell.
+    pub placed_at: Option<String>,
+    /// When the cell agent received the assignment.
+    pub delivered_at: Option<String>,
+    /// When the runner started the first step.
+    pub runner_started_at: Option<String>,
+    /// The same three, in milliseconds since the Unix epoch, for tools.
+    pub placed_at_ms: Option<u64>,
+    /// See `delivered_at`.
+    pub delivered_at_ms: Option<u64>,
+    /// See `runner_started_at`.
+    pub runner_started_at_ms: Option<u64>,
+}
+
+/// A registered cell.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct CellView {
+    /// Its id.
+    pub id: String,
+    /// `active`, `cordoned`, `draining` or `lost`.
+    pub state: &'static str,
+    /// Its region.
+    pub region: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its pools and their sizes.
+    pub pools: std::collections::BTreeMap<String, u32>,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Whether its agent has a session with the leader right now (as this replica knows).
+    pub connected: bool,
+    /// Jobs leased to or running on it.
+    pub jobs: usize,
+    /// When it last registered.
+    pub last_seen: String,
 }
 
 impl JobDetail {
@@ -226,6 +269,14 @@ impl JobDetail {
             steps: j.spec.steps.iter().map(|s| s.name.clone()).collect(),
             timeout_secs: j.spec.timeout_secs,
             fence: j.run.fence().map(|f| f.0),
+            timings: JobTimings {
+                placed_at: j.placed_at_ms.map(rfc3339),
+                delivered_at: j.runner.delivered_at_ms.map(rfc3339),
+                runner_started_at: j.runner.started_at_ms.map(rfc3339),
+                placed_at_ms: j.placed_at_ms,
+                delivered_at_ms: j.runner.delivered_at_ms,
+                runner_started_at_ms: j.runner.started_at_ms,
+            },
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 pub const ADMIN: &str = "flt_test_admin_token_0123456789";
 pub const SECRET: &str = "It's a Secret to Everybody";
+pub const CELL_TOKEN: &str = "cell-bootstrap-token-for-tests";
 
 /// One replica's fixed coordinates, so it can be restarted on the same ports and data.
 pub struct Slot {
@@ -45,6 +46,7 @@ impl Cluster {
     pub async fn start(n: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("admin-token"), ADMIN).unwrap();
+        std::fs::write(dir.path().join("cell-token"), CELL_TOKEN).unwrap();
         let mut slots = Vec::new();
         for id in 1..=n {
             slots.push(Slot {
@@ -100,7 +102,22 @@ impl Cluster {
         }
         config.webhook_rate.per_second = 100_000;
         config.webhook_rate.burst = 100_000;
+        // Short cell leases so failover tests take seconds: lost after 3 × 200 ms + 1 s.
+        config.cells.bootstrap_token_file = Some(self.dir.path().join("cell-token"));
+        config.cells.heartbeat_interval = Duration::from_millis(200);
+        config.cells.grace = Duration::from_secs(1);
+        config.logs_dir = Some(self.dir.path().join("logs"));
         config
+    }
+
+    /// Where replica `i` serves cell sessions.
+    pub fn cells_addr(&self, i: usize) -> String {
+        self.fed(i).cells_addr().unwrap().to_string()
+    }
+
+    /// Where job output is kept (the agents write there, the API serves it).
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
     }
 
     /// Waits until every running replica knows the leader and the leader's API address.
@@ -218,10 +235,12 @@ pub async fn start_at(
         clock: Arc::new(SystemClock),
         repos: Arc::new(repos),
         tls: None,
+        cell_tls: None,
     };
     let listeners = Listeners {
         raft: TcpListener::bind(raft).await.unwrap(),
         http: TcpListener::bind(http).await.unwrap(),
+        cells: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
     };
     Federator::start(config, listeners, deps).await.unwrap()
 }

@@ -1,0 +1,221 @@
+//! The `RunnerBackend` port (ARCHITECTURE §8): how a cell agent runs one attempt of one job.
+//!
+//! A backend is given an [`Assignment`] — the resolved job, its attempt and fence, and where to
+//! check the code out from — and runs it somewhere isolated: a sandboxed process tree on this
+//! machine (`local`) or a pod (`kubernetes`). It reports what happens through a
+//! [`RunnerEvents`] sink: [`RunnerEvent::Started`] once the first step is executing, every
+//! output line, then exactly one [`RunnerEvent::Finished`] with the attempt's [`Outcome`].
+//!
+//! Every backend passes one conformance suite (in the cell agent crate): start, output, exit
+//! codes, cancel and timeout killing the whole process tree, cleanup.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Attempt, BuildId, Fence, JobId, ProjectId};
+use crate::job::Outcome;
+use crate::pipeline::{Resources, Step};
+pub use crate::repo::BoxFuture;
+
+/// Where a job's code comes from: the project's repository at the build's commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkout {
+    /// The clone URL, from the project's configuration.
+    pub repo_url: String,
+    /// The full ref the build is for (fetched when the commit cannot be fetched by id).
+    pub git_ref: String,
+    /// The commit to check out (40 hex digits).
+    pub sha: String,
+}
+
+/// One attempt of one job, as a cell is asked to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The job.
+    pub job: JobId,
+    /// Its build.
+    pub build: BuildId,
+    /// Its project.
+    pub project: ProjectId,
+    /// Which attempt this is.
+    pub attempt: Attempt,
+    /// The placement's fence; every report about this attempt carries it.
+    pub fence: Fence,
+    /// The job's name within its pipeline (for logs and the UI).
+    pub name: String,
+    /// Container image (ignored by the local backend, which runs on the host's tools).
+    pub image: String,
+    /// The commands, run in order with `bash -eo pipefail`; the first failure ends the job.
+    pub steps: Vec<Step>,
+    /// Environment variables, in order (later entries win).
+    pub env: Vec<(String, String)>,
+    /// Longest the steps may run in total, counted from the start of the first step.
+    pub timeout_secs: u64,
+    /// Requested CPU and memory.
+    pub resources: Resources,
+    /// The runner pool it was placed in.
+    pub pool: String,
+    /// The code to check out into the workspace first; `None` runs in an empty workspace.
+    pub checkout: Option<Checkout>,
+}
+
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A message from the runner itself (step headers, checkout, warnings).
+    System,
+}
+
+/// Something a runner reports about an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunnerEvent {
+    /// The first step is executing (the "runner's first instruction"). Sent at most once, and
+    /// not at all when the attempt fails before any step starts.
+    Started {
+        /// When (ms since the Unix epoch).
+        at_ms: u64,
+    },
+    /// One line of output, without its line terminator.
+    Line {
+        /// Which stream.
+        stream: Stream,
+        /// Index of the step that wrote it (0-based); `None` for lines outside any step.
+        step: Option<u32>,
+        /// The text (invalid UTF-8 replaced).
+        text: String,
+        /// When it was read (ms since the Unix epoch).
+        at_ms: u64,
+    },
+    /// The attempt ended. Always the last event, sent exactly once per started attempt —
+    /// including when it is cancelled, times out or cannot be spawned.
+    Finished {
+        /// How it ended: `Succeeded`; `Failed(Test{code})` for a non-zero exit;
+        /// `Failed(Timeout)`; `Failed(Cancelled)`; `Failed(Infra{RunnerCrash})` when the runner
+        /// could not be set up or spawned; `Failed(Config)` when the assignment itself cannot
+        /// run anywhere (an invalid environment variable name, a malformed commit id).
+        outcome: Outcome,
+        /// When (ms since the Unix epoch).
+        at_ms: u64,
+    },
+}
+
+/// Receives the events of every attempt a backend runs. Called from the backend's own tasks;
+/// must not block.
+pub trait RunnerEvents: Send + Sync + 'static {
+    /// `event` happened to the attempt of `job` under `fence`.
+    fn event(&self, job: JobId, fence: Fence, event: RunnerEvent);
+}
+
+/// An attempt a backend is currently running (or cleaning up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerInfo {
+    /// The job.
+    pub job: JobId,
+    /// Its fence.
+    pub fence: Fence,
+    /// When the backend accepted it (ms since the Unix epoch).
+    pub accepted_at_ms: u64,
+    /// When its first step started, once it has.
+    pub started_at_ms: Option<u64>,
+    /// Its timeout.
+    pub timeout_secs: u64,
+}
+
+/// Why a backend refused or failed an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunnerError {
+    /// The backend is already running this job under this or a newer fence.
+    #[error("job {job} is already running here under fence {fence}")]
+    AlreadyRunning {
+        /// The job.
+        job: JobId,
+        /// The fence it runs under.
+        fence: Fence,
+    },
+    /// The backend is shutting down or has no room.
+    #[error("the runner backend is unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("runner backend failure: {0}")]
+    Internal(String),
+}
+
+impl RunnerError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunnerError::AlreadyRunning { .. } => "already_running",
+            RunnerError::Unavailable(_) => "unavailable",
+            RunnerError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Runs job attempts in isolation. Implementations own their background work (one task per
+/// attempt) and stop it in [`RunnerBackend::shutdown`].
+pub trait RunnerBackend: Send + Sync + std::fmt::Debug + 'static {
+    /// The backend's name (`local`, `kubernetes`), for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Accepts an attempt and begins running it in the background. Returns once it is
+    /// accepted; from then on every event goes to `events`, ending with one
+    /// [`RunnerEvent::Finished`]. Set-up failures after acceptance (checkout, spawn) are
+    /// reported as `Finished(Failed(Infra{RunnerCrash}))`, not as an error here.
+    fn start(
+        &self,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>>;
+
+    /// Stops the attempt of `job` under `fence`, killing every process it started; it then
+    /// reports `Finished(Failed(Cancelled))` (unless it had already finished). Unknown
+    /// attempts are ignored, so cancelling twice is harmless.
+    fn cancel(&self, job: JobId, fence: Fence) -> BoxFuture<'_, Result<(), RunnerError>>;
+
+    /// The attempts currently running or being cleaned up.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, RunnerError>>;
+
+    /// Kills every attempt (reporting them cancelled) and waits for their cleanup.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Where an attempt got to, as a cell reports it to the federator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportState {
+    /// The first step started.
+    Running,
+    /// The attempt ended.
+    Finished(Outcome),
+}
+
+/// A cell's report about one attempt (`JobUpdate` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// The job.
+    pub job: JobId,
+    /// The attempt.
+    pub attempt: Attempt,
+    /// The fence the attempt runs under.
+    pub fence: Fence,
+    /// What happened.
+    pub state: ReportState,
+    /// When the agent received the assignment (ms since the Unix epoch, the agent's clock).
+    pub delivered_at_ms: Option<u64>,
+    /// When the first step started.
+    pub started_at_ms: Option<u64>,
+    /// When the attempt ended.
+    pub finished_at_ms: Option<u64>,
+}
+
+/// The file name a job's output is kept under in a local log directory (`flotilla dev`),
+/// every attempt appended in turn. Until the log store lands, the cell agent writes it and
+/// the federator serves it.
+pub fn log_file_name(job: JobId) -> String {
+    format!("job-{job}.log")
+}

@@ -1,0 +1,440 @@
+//! Cell sessions on the leader (ARCHITECTURE §6, §8): who is connected, what they can take,
+//! the placement loop, and lease expiry.
+//!
+//! - `service.rs`: the `CellService` gRPC session — hello, authentication, reconciliation,
+//!   heartbeats and job updates.
+//! - this file: [`CellHub`], shared by the sessions, the reactor (which hands it committed
+//!   events while this replica leads) and two owned loops: the scheduler (interim first-fit
+//!   placement, one `PlaceJobs` entry per batch) and the lease monitor (`ExpireLeases` for a
+//!   cell silent for `missed_heartbeats × heartbeat_interval + grace`).
+//!
+//! Leases are renewed in the leader's memory by heartbeats rather than through Raft (a
+//! heartbeat entry every 2 s per cell would dominate the log). A new leader knows no
+//! heartbeats, so it counts every cell as last heard from when it took over: a failover
+//! delays the detection of a lost cell by at most one lease, and never loses a live one.
+
+mod service;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use flotilla_consensus::Node;
+use flotilla_core::ids::{CellId, Fence, JobId};
+use flotilla_core::job::JobPhase;
+use flotilla_core::runner::{Assignment, Checkout};
+use flotilla_core::state::{CellState, Command, Entry, Event, Response, State};
+use flotilla_proto::cell::{assign_to_pb, job_refs};
+use flotilla_proto::cellpb as pb;
+use tokio::sync::{Notify, mpsc, watch};
+
+pub use service::{CellServer, serve};
+
+use crate::clock::Clock;
+use crate::machine::Machine;
+
+/// Timing of cell sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellTiming {
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats a cell may miss before it is suspect.
+    pub missed_heartbeats: u32,
+    /// How long a suspect cell has before its jobs are re-queued.
+    pub grace: Duration,
+}
+
+impl Default for CellTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(2),
+            missed_heartbeats: 3,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CellTiming {
+    /// How long a cell may stay silent before it is lost: `missed × interval + grace`. It is
+    /// also the lease length written into placements.
+    pub fn lease(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats + self.grace
+    }
+}
+
+/// Counters about sessions, exposed at `/metrics`.
+#[derive(Debug, Default)]
+pub struct CellMetrics {
+    /// Job updates refused because their fence was stale.
+    pub stale_updates: AtomicU64,
+    /// Cells declared lost.
+    pub lease_expiries: AtomicU64,
+    /// Sessions opened on this replica while it led.
+    pub sessions_opened: AtomicU64,
+    /// Placement decisions committed.
+    pub placements: AtomicU64,
+}
+
+/// What the leader knows about one connected agent.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<pb::FederatorMessage>,
+    last_heartbeat: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    next_id: u64,
+    by_cell: HashMap<CellId, Session>,
+    /// When each cell was last heard from, for cells without a session.
+    silent_since: HashMap<CellId, Instant>,
+    /// When this replica last became leader.
+    leading_since: Option<Instant>,
+}
+
+/// Cell sessions, shared by the gRPC service, the reactor and the leader's loops.
+#[derive(Debug)]
+pub struct CellHub {
+    node: Arc<Node<Machine>>,
+    clock: Arc<dyn Clock>,
+    timing: CellTiming,
+    bootstrap_token: Option<String>,
+    sessions: std::sync::Mutex<Sessions>,
+    wake: Notify,
+    metrics: CellMetrics,
+}
+
+/// How many placements one `PlaceJobs` entry carries at most.
+const MAX_BATCH: usize = 512;
+/// The scheduler runs at most this often (ARCHITECTURE §7), and at least once a second.
+const MIN_TICK: Duration = Duration::from_millis(100);
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// How long a commit from the cell loops may wait.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl CellHub {
+    /// A hub for this replica.
+    pub fn new(
+        node: Arc<Node<Machine>>,
+        clock: Arc<dyn Clock>,
+        timing: CellTiming,
+        bootstrap_token: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            clock,
+            timing,
+            bootstrap_token,
+            sessions: std::sync::Mutex::default(),
+            wake: Notify::new(),
+            metrics: CellMetrics::default(),
+        })
+    }
+
+    /// Session counters.
+    pub fn metrics(&self) -> &CellMetrics {
+        &self.metrics
+    }
+
+    /// The cells with a session on this replica.
+    pub fn connected(&self) -> BTreeSet<CellId> {
+        self.lock().by_cell.keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.metrics().current_leader == Some(self.node.id())
+    }
+
+    /// The leader's cell-session address, when known, for `NotLeader` hints.
+    fn leader_hint(&self) -> String {
+        let Some(leader) = self.node.metrics().current_leader else {
+            return String::new();
+        };
+        self.node.read(|m| {
+            m.state()
+                .cell_endpoints
+                .get(&leader)
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+
+    /// Called by the reactor when this replica gains or loses leadership. Losing it closes
+    /// every session (agents reconnect and find the new leader).
+    pub fn set_leading(&self, leading: bool) {
+        let mut s = self.lock();
+        if leading {
+            s.leading_since = Some(Instant::now());
+            s.silent_since.clear();
+        } else {
+            s.leading_since = None;
+            s.by_cell.clear();
+            s.silent_since.clear();
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Registers a new session for `cell`, replacing (and so closing) any older one.
+    fn open(&self, cell: &CellId, tx: mpsc::Sender<pb::FederatorMessage>) -> u64 {
+        let mut s = self.lock();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.by_cell.insert(
+            cell.clone(),
+            Session {
+                id,
+                tx,
+                last_heartbeat: Instant::now(),
+            },
+        );
+        s.silent_since.remove(cell);
+        self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    /// Forgets session `id` of `cell` (if it is still the current one). Its leases keep
+    /// running: a dropped connection is not a lost cell until the heartbeats are overdue.
+    fn close(&self, cell: &CellId, id: u64) {
+        let mut s = self.lock();
+        if let Some(sess) = s.by_cell.get(cell)
+            && sess.id == id
+        {
+            let last = sess.last_heartbeat;
+            s.by_cell.remove(cell);
+            s.silent_since.insert(cell.clone(), last);
+        }
+    }
+
+    fn heartbeat(&self, cell: &CellId, id: u64) {
+        let mut s = self.lock();
+        if let Some(sess) = s.by_cell.get_mut(cell)
+            && sess.id == id
+        {
+            sess.last_heartbeat = Instant::now();
+        }
+    }
+
+    fn send(&self, cell: &CellId, msg: pb::FederatorMessage) {
+        let tx = self.lock().by_cell.get(cell).map(|s| s.tx.clone());
+        if let Some(tx) = tx
+            && tx.try_send(msg).is_err()
+        {
+            // A session that cannot keep up is closed; the agent reconnects and the hello
+            // reconciliation re-sends what it missed.
+            tracing::warn!(cell = %cell, "Cell session is not keeping up; closing it.");
+            let mut s = self.lock();
+            s.by_cell.remove(cell);
+            s.silent_since.insert(cell.clone(), Instant::now());
+        }
+    }
+
+    /// Acts on committed events while this replica leads: tells cells about assignments,
+    /// cancellations and revocations, and wakes the scheduler when there may be work.
+    pub fn on_events(&self, events: &[Event]) {
+        let mut wake = false;
+        for e in events {
+            match e {
+                Event::JobAssigned { job, cell, fence } => {
+                    let assign = self.node.read(|m| assignment(m.state(), *job, *fence));
+                    if let Some(a) = assign {
+                        let ttl = self.timing.lease().as_millis() as u64;
+                        self.send(
+                            cell,
+                            message(pb::federator_message::Msg::Assign(assign_to_pb(&a, ttl))),
+                        );
+                    }
+                }
+                Event::JobRevoked { job, cell, fence } => {
+                    let cancelled = self.node.read(|m| {
+                        m.state().jobs.get(job).map(|j| j.phase()) == Some(JobPhase::Cancelled)
+                    });
+                    let msg = if cancelled {
+                        pb::federator_message::Msg::Cancel(pb::Cancel {
+                            job: job.0,
+                            fence: fence.0,
+                        })
+                    } else {
+                        pb::federator_message::Msg::Revoke(pb::Revoke {
+                            jobs: job_refs([(*job, *fence)]),
+                        })
+                    };
+                    self.send(cell, message(msg));
+                    wake = true;
+                }
+                Event::JobsQueued(_) | Event::CellChanged(_) | Event::JobChanged(_) => {
+                    wake = true;
+                }
+                Event::BuildCreated(_) | Event::BuildChanged(_) => {}
+            }
+        }
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The scheduler: while leading, places queued jobs on connected active cells, one
+    /// `PlaceJobs` entry per batch, at most every 100 ms.
+    pub async fn run_scheduler(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last = Instant::now() - MIN_TICK;
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_TICK) => {}
+            }
+            let since = last.elapsed();
+            if since < MIN_TICK {
+                tokio::time::sleep(MIN_TICK - since).await;
+            }
+            last = Instant::now();
+            if !self.is_leader() {
+                continue;
+            }
+            // Drain this batch fully before waiting again (a batch is capped).
+            while self.place_once().await == MAX_BATCH {}
+        }
+    }
+
+    async fn place_once(&self) -> usize {
+        let live = self.connected();
+        if live.is_empty() {
+            return 0;
+        }
+        let now_ms = self.clock.now_ms();
+        let ttl = self.timing.lease().as_millis() as u64;
+        let placements = self.node.read(|m| {
+            flotilla_core::placement::first_fit(m.state(), &live, now_ms, ttl, MAX_BATCH)
+        });
+        let n = placements.len();
+        if n == 0 {
+            return 0;
+        }
+        let command = Entry::V1(Command::PlaceJobs { placements, now_ms });
+        match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
+            Ok(Ok(_)) => {
+                self.metrics
+                    .placements
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Committing placements failed; will try again.");
+                0
+            }
+            Err(_) => {
+                tracing::warn!("Committing placements timed out; will try again.");
+                0
+            }
+        }
+    }
+
+    /// The lease monitor: while leading, declares lost every cell not heard from for a lease.
+    pub async fn run_lease_monitor(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = (self.timing.heartbeat_interval / 2).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            for cell in self.overdue() {
+                let now_ms = self.clock.now_ms();
+                let command = Entry::V1(Command::ExpireLeases {
+                    cell: cell.clone(),
+                    now_ms,
+                });
+                match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
+                    Ok(Ok(Response::Rejected(r))) => {
+                        tracing::debug!(cell = %cell, reason = %r, "Lease expiry refused.");
+                    }
+                    Ok(Ok(_)) => {
+                        self.metrics.lease_expiries.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(cell = %cell, "Cell lost: no heartbeat within its lease; its jobs are re-queued.");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(cell = %cell, error = %e, "Expiring leases failed.")
+                    }
+                    Err(_) => tracing::warn!(cell = %cell, "Expiring leases timed out."),
+                }
+            }
+        }
+    }
+
+    /// Cells that are not yet lost and have been silent for longer than a lease.
+    fn overdue(&self) -> Vec<CellId> {
+        let lease = self.timing.lease();
+        let candidates: Vec<CellId> = self.node.read(|m| {
+            m.state()
+                .cells
+                .values()
+                .filter(|c| c.state != CellState::Lost)
+                .map(|c| c.id.clone())
+                .collect()
+        });
+        let s = self.lock();
+        let Some(leading_since) = s.leading_since else {
+            return Vec::new();
+        };
+        candidates
+            .into_iter()
+            .filter(|c| {
+                let last = match s.by_cell.get(c) {
+                    Some(sess) => sess.last_heartbeat,
+                    None => s.silent_since.get(c).copied().unwrap_or(leading_since),
+                };
+                last.max(leading_since).elapsed() > lease
+            })
+            .collect()
+    }
+}
+
+fn message(msg: pb::federator_message::Msg) -> pb::FederatorMessage {
+    pb::FederatorMessage { msg: Some(msg) }
+}
+
+/// What a cell must run for `job`, if it is still out under `fence`.
+fn assignment(state: &State, job: JobId, fence: Fence) -> Option<Assignment> {
+    let j = state.jobs.get(&job)?;
+    if j.run.fence() != Some(fence) || !matches!(j.phase(), JobPhase::Leased | JobPhase::Running) {
+        return None;
+    }
+    let build = state.builds.get(&j.build)?;
+    let project = state.projects.get(&j.project)?;
+    let spec = &j.spec;
+    Some(Assignment {
+        job,
+        build: build.id,
+        project: project.id.clone(),
+        attempt: j.run.attempt(),
+        fence,
+        name: spec.name.clone(),
+        image: spec.image.clone(),
+        steps: spec.steps.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout_secs: spec.timeout_secs,
+        resources: spec.resources,
+        pool: State::pool_of(j).to_owned(),
+        checkout: build.sha.as_ref().map(|sha| Checkout {
+            repo_url: project.repo_url.clone(),
+            git_ref: build.git_ref.clone(),
+            sha: sha.clone(),
+        }),
+    })
+}

@@ -1,0 +1,375 @@
+//! Cells end to end: a federator replica, cell agents with the local runner backend over real
+//! gRPC on loopback (through a TCP proxy the test can cut), real git repositories, real
+//! processes. Leases are short here (lost after 3 × 200 ms + 1 s of silence).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use flotilla_cell_agent::backend::{LocalBackend, LocalConfig};
+use flotilla_cell_agent::{Agent, AgentAuth, AgentConfig};
+use flotilla_core::ids::CellId;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// A TCP proxy in front of the federator's cell service that the test can cut (every
+/// connection dropped, new ones refused) and heal: a cell partitioned from its federator.
+struct Proxy {
+    addr: String,
+    cut: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                k.lock().unwrap().push(task.abort_handle());
+            }
+        })
+        .abort_handle();
+        Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+fn agent(c: &Cluster, cell: &str, federator: String, dir: &std::path::Path) -> Agent {
+    let backend = LocalBackend::new(LocalConfig::new(dir.join(cell))).unwrap();
+    let mut config = AgentConfig::new(
+        CellId::new(cell).unwrap(),
+        vec![federator],
+        AgentAuth::Token(CELL_TOKEN.into()),
+        c.logs_dir(),
+    );
+    config.reap_interval = Duration::from_millis(500);
+    config.max_backoff = Duration::from_millis(300);
+    Agent::start(config, Arc::new(backend))
+}
+
+async fn wait_connected(c: &Cluster, cells: &[&str]) {
+    for _ in 0..200 {
+        let (_, v) = c.get("/api/v1/cells", ADMIN).await;
+        let up = cells.iter().all(|id| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .any(|cell| cell["id"] == *id && cell["connected"] == true)
+        });
+        if up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cells {cells:?} never connected");
+}
+
+/// Polls a build until it ends; returns it.
+async fn finished_build(c: &Cluster, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, b) = c.get(&format!("/api/v1/builds/{id}"), ADMIN).await;
+        if ["succeeded", "failed", "cancelled", "skipped"]
+            .contains(&b["status"].as_str().unwrap_or(""))
+        {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "build did not finish: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn job_id(build: &Value, name: &str) -> String {
+    build["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name} in {build}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn job(c: &Cluster, id: &str) -> Value {
+    c.get(&format!("/api/v1/jobs/{id}"), ADMIN).await.1
+}
+
+async fn logs(c: &Cluster, id: &str) -> String {
+    let resp = c
+        .client
+        .get(c.url(0, &format!("/api/v1/jobs/{id}/logs")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
+fn ms(v: &Value, field: &str) -> u64 {
+    v["timings"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
+}
+
+const DAG: &str = r#"version: 1
+defaults: { image: "debian:12" }
+jobs:
+  a: { run: "cat README.md && echo built-by-a" }
+  b: { run: "echo from-b", needs: [a] }
+  c: { run: "echo from-c", needs: [a] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_runs_every_job_on_a_local_cell_in_dag_order_and_a_failing_job_fails_the_build() {
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit(
+        "main",
+        &[
+            (".ci.yaml", DAG),
+            ("README.md", "checked out at the pushed commit\n"),
+        ],
+    );
+    c.project("web", &repo.url(), "github").await;
+    let a = agent(&c, "local-1", c.cells_addr(0), dir.path());
+    wait_connected(&c, &["local-1"]).await;
+
+    let (status, ack) = github_push(&c, 0, "web", "d-1", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{ack}");
+    let id = ack["build_id"].as_str().unwrap();
+    let build = finished_build(&c, id, Duration::from_secs(60)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+
+    let (ja, jb, jc) = (
+        job(&c, &job_id(&build, "a")).await,
+        job(&c, &job_id(&build, "b")).await,
+        job(&c, &job_id(&build, "c")).await,
+    );
+    for j in [&ja, &jb, &jc] {
+        assert_eq!(j["status"], "succeeded", "{j}");
+        assert_eq!(j["attempt"], 1);
+    }
+    // DAG order, on the runner's own clock: b and c start only after a has finished.
+    let a_done = rfc_ms(&ja["finished_at"]);
+    assert!(
+        ms(&jb, "runner_started_at_ms") >= a_done.saturating_sub(5),
+        "{ja} {jb}"
+    );
+    assert!(
+        ms(&jc, "runner_started_at_ms") >= a_done.saturating_sub(5),
+        "{ja} {jc}"
+    );
+    let out = logs(&c, &job_id(&build, "a")).await;
+    assert!(out.contains("checked out at the pushed commit"), "{out}");
+    assert!(out.contains("built-by-a"), "{out}");
+    assert!(out.contains("attempt 1 · cell local-1"), "{out}");
+    assert!(logs(&c, &job_id(&build, "b")).await.contains("from-b"));
+
+    // A job that exits 3 fails the build with Test{3}; what needs it never runs.
+    let sha = repo.commit(
+        "main",
+        &[(
+            ".ci.yaml",
+            "version: 1\ndefaults: { image: \"debian:12\" }\njobs:\n  a: { run: \"echo failing; exit 3\" }\n  b: { run: \"echo must-not-run\", needs: [a] }\n",
+        )],
+    );
+    let (_, ack) = github_push(&c, 0, "web", "d-2", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    let build = finished_build(
+        &c,
+        ack["build_id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(build["status"], "failed", "{build}");
+    let ja = job(&c, &job_id(&build, "a")).await;
+    assert_eq!(ja["failure"]["summary"], "Test{3}", "{ja}");
+    let jb = job(&c, &job_id(&build, "b")).await;
+    assert_eq!(jb["status"], "cancelled", "{jb}");
+    assert!(jb["started_at"].is_null(), "{jb}");
+    assert!(
+        !logs(&c, &job_id(&build, "b"))
+            .await
+            .contains("must-not-run")
+    );
+
+    a.shutdown().await;
+    c.shutdown().await;
+}
+
+fn rfc_ms(v: &Value) -> u64 {
+    let t = humantime::parse_rfc3339(v.as_str().unwrap()).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_cells_job_moves_to_another_cell_and_the_returning_agent_is_fenced_off() {
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit(
+        "main",
+        &[(
+            ".ci.yaml",
+            "version: 1\ndefaults: { image: \"debian:12\" }\njobs:\n  long: { run: \"echo started; sleep 3; echo done\" }\n",
+        )],
+    );
+    c.project("web", &repo.url(), "github").await;
+    let (pa, pb) = (
+        Proxy::start(c.cells_addr(0)).await,
+        Proxy::start(c.cells_addr(0)).await,
+    );
+    let cell_a = agent(&c, "cell-a", pa.addr.clone(), dir.path());
+    let cell_b = agent(&c, "cell-b", pb.addr.clone(), dir.path());
+    wait_connected(&c, &["cell-a", "cell-b"]).await;
+
+    let (_, ack) = github_push(&c, 0, "web", "d-1", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    let build_id = ack["build_id"].as_str().unwrap().to_owned();
+    let build = c.loaded_build(&build_id).await;
+    let jid = job_id(&build, "long");
+    let first = loop {
+        let j = job(&c, &jid).await;
+        if j["status"] == "running" {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        first["cell"], "cell-a",
+        "first fit picks the first cell: {first}"
+    );
+    let old_fence = first["fence"].as_u64().unwrap();
+
+    // Cut cell-a off without a word to the federator.
+    pa.cut();
+    let cut_at = Instant::now();
+    let moved = loop {
+        let j = job(&c, &jid).await;
+        if j["cell"] == "cell-b" && j["status"] == "running" {
+            break j;
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_millis(600 + 1000 + 5000),
+            "not re-placed within heartbeat timeout + grace + 5 s: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(moved["attempt"], 2, "{moved}");
+    assert!(moved["fence"].as_u64().unwrap() > old_fence);
+    let (_, cells) = c.get("/api/v1/cells", ADMIN).await;
+    let a_state = cells
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "cell-a")
+        .unwrap()["state"]
+        .clone();
+    assert_eq!(a_state, "lost");
+
+    // cell-a's runner finishes during the partition; its report waits in the outbox. When it
+    // comes back, the report (old fence) is refused and the attempt revoked.
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(cut_at.elapsed())).await;
+    pa.heal();
+    let fenced = Instant::now();
+    loop {
+        let stats = cell_a.stats();
+        let stale = c
+            .fed(0)
+            .cells()
+            .metrics()
+            .stale_updates
+            .load(Ordering::Relaxed);
+        if stats.stale_reports.load(Ordering::Relaxed) >= 1
+            && stats.revocations.load(Ordering::Relaxed) >= 1
+            && stale >= 1
+        {
+            break;
+        }
+        assert!(
+            fenced.elapsed() < Duration::from_secs(10),
+            "cell-a was not fenced off: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let build = finished_build(&c, &build_id, Duration::from_secs(30)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+    let done = job(&c, &jid).await;
+    assert_eq!(
+        done["attempt"], 2,
+        "the stale success must not count: {done}"
+    );
+    let metrics = c
+        .client
+        .get(c.url(0, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flotilla_cell_stale_updates_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flotilla_cell_lease_expiries_total 1"),
+        "{metrics}"
+    );
+
+    cell_a.shutdown().await;
+    cell_b.shutdown().await;
+    c.shutdown().await;
+}
