@@ -373,3 +373,54 @@ async fn a_silent_cells_job_moves_to_another_cell_and_the_returning_agent_is_fen
     cell_b.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_restarts_gets_its_lost_runners_retried_at_once() {
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit(
+        "main",
+        &[(
+            ".ci.yaml",
+            "version: 1\ndefaults: { image: \"debian:12\" }\njobs:\n  slow: { run: \"sleep 2; echo finished\" }\n",
+        )],
+    );
+    c.project("web", &repo.url(), "github").await;
+    let first = agent(&c, "cell-a", c.cells_addr(0), dir.path());
+    wait_connected(&c, &["cell-a"]).await;
+    let (_, ack) = github_push(&c, 0, "web", "d-1", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    let build_id = ack["build_id"].as_str().unwrap().to_owned();
+    let jid = job_id(&c.loaded_build(&build_id).await, "slow");
+    while job(&c, &jid).await["status"] != "running" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The agent stops (its runners die with it) and a new one comes back as the same cell
+    // before the lease runs out: the attempt it no longer knows fails as RunnerCrash and is
+    // retried, without waiting for the lease.
+    first.shutdown().await;
+    let second = agent(&c, "cell-a", c.cells_addr(0), dir.path());
+    let back = Instant::now();
+    loop {
+        let j = job(&c, &jid).await;
+        if j["attempt"] == 2 && j["status"] == "running" {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(10), "not retried: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let build = finished_build(&c, &build_id, Duration::from_secs(30)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+    let (_, cells) = c.get("/api/v1/cells", ADMIN).await;
+    assert_eq!(cells[0]["state"], "active", "{cells}");
+    assert_eq!(
+        c.fed(0).cells().metrics().lease_expiries.load(Ordering::Relaxed),
+        0,
+        "the retry must come from the reconnect, not from a lease expiry"
+    );
+    second.shutdown().await;
+    c.shutdown().await;
+}
