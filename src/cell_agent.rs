@@ -62,6 +62,36 @@ fn pool(s: &str) -> Result<(String, u32), String> {
     Ok((name, size))
 }
 
+/// The files holding the agent's secrets.
+fn credential_files(args: &Args) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = args.token_file.iter().cloned().collect();
+    files.extend(args.tls.key_file().cloned());
+    files
+}
+
+/// The directory of a credential file, which the sandbox hides. Refused when it is a
+/// directory jobs need (such as `/etc`): keep credentials in a directory of their own.
+fn credential_dir(file: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = file
+        .canonicalize()
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let shared = [
+        "/", "/etc", "/root", "/home", "/usr", "/var", "/tmp", "/opt", "/srv",
+    ];
+    if shared.iter().any(|s| dir == std::path::Path::new(s)) {
+        bail!(
+            "{} is in {}, which jobs must be able to read; move the agent's credentials into a \
+             directory of their own (such as /etc/flotilla-agent/), which the sandbox hides",
+            file.display(),
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 pub(crate) fn run(args: &Args) -> std::process::ExitCode {
     crate::block_on(true, serve(args))
 }
@@ -91,6 +121,11 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let data = args.data_dir.canonicalize()?;
     let mut local = LocalConfig::new(&data);
     local.sandbox = args.sandbox.into();
+    // Jobs run as the agent's user on a read-only view of the host: the directories holding
+    // the agent's credentials must be hidden from them, or a job could connect as this cell.
+    for file in credential_files(args) {
+        local.hidden_dirs.push(credential_dir(&file)?);
+    }
     let backend = LocalBackend::new(local).context("starting the local runner backend")?;
     let mut config = AgentConfig::new(cell, args.federators.clone(), auth, data.join("logs"));
     config.region = args.region.clone();

@@ -22,6 +22,11 @@ pub(crate) struct TlsArgs {
 }
 
 impl TlsArgs {
+    /// The private key file, if one is given.
+    pub(crate) fn key_file(&self) -> Option<&PathBuf> {
+        self.tls_key.as_ref()
+    }
+
     /// The TLS configuration, if the flags ask for one.
     pub(crate) fn load(&self) -> anyhow::Result<Option<TlsConfig>> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {

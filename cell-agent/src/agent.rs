@@ -150,6 +150,8 @@ impl Agent {
             outbox: VecDeque::new(),
             hint: None,
             next_federator: 0,
+            done: Default::default(),
+            done_order: VecDeque::new(),
         };
         let task = tokio::spawn(worker.run(stopped));
         Self { stop, task, stats }
@@ -210,7 +212,14 @@ struct Worker {
     outbox: VecDeque<pb::JobUpdate>,
     hint: Option<String>,
     next_federator: usize,
+    /// Attempts that ended here recently, so an assignment sent again after a reconnect or
+    /// a federator re-send does not run them a second time.
+    done: std::collections::HashSet<(JobId, Fence)>,
+    done_order: VecDeque<(JobId, Fence)>,
 }
+
+/// How many ended attempts the agent remembers.
+const DONE_MEMORY: usize = 16_384;
 
 /// Wall-clock time for the timestamps in reports and logs, which are compared with other
 /// machines' clocks (the federator's); durations use tokio's clock.
@@ -518,6 +527,9 @@ impl Worker {
 
     async fn assign(&mut self, a: Assignment, delivered_at_ms: u64, session: Option<&Session>) {
         let (job, fence) = (a.job, a.fence);
+        if self.done.contains(&(job, fence)) {
+            return; // Already ran here; its report is in the outbox or acknowledged.
+        }
         if let Some(existing) = self.runs.get(&job) {
             if existing.assignment.fence >= fence {
                 return; // Sent again after a reconnect: already running.
@@ -662,6 +674,14 @@ impl Worker {
             return;
         }
         let run = self.runs.remove(&job).expect("checked");
+        if self.done.insert((job, fence)) {
+            self.done_order.push_back((job, fence));
+            if self.done_order.len() > DONE_MEMORY
+                && let Some(old) = self.done_order.pop_front()
+            {
+                self.done.remove(&old);
+            }
+        }
         if run.revoked {
             return;
         }

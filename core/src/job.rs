@@ -513,6 +513,14 @@ impl JobRun {
 
     fn check_fence(&self, got: Fence) -> Result<(), JobError> {
         match self.fence {
+            // The attempt under this fence was taken back (its cell was lost, or a user retried
+            // the job) and the job waits for a new placement: whatever its old runner says is
+            // stale, even though no newer fence exists yet.
+            Some(current)
+                if got == current && matches!(self.phase, JobPhase::Pending | JobPhase::Queued) =>
+            {
+                Err(JobError::StaleFence { got, current })
+            }
             Some(current) if got == current => Ok(()),
             Some(current) => Err(JobError::StaleFence { got, current }),
             // Never placed: no runner can hold a fence for this job.
@@ -558,6 +566,32 @@ mod tests {
             fence: Fence(fence),
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_report_from_an_attempt_taken_back_is_stale_before_any_new_placement() {
+        let mut job = JobRun::new(RetryPolicy::default());
+        job.apply(JobEvent::DepsSatisfied).unwrap();
+        run_to_running(&mut job, 5);
+        job.apply(JobEvent::LeaseLost {
+            reason: InfraReason::CellLost,
+        })
+        .unwrap();
+        // The old runner says it was cancelled or succeeded: neither may touch the queued job.
+        for outcome in [Outcome::Failed(FailureClass::Cancelled), Outcome::Succeeded] {
+            let late = JobEvent::Finished {
+                fence: Fence(5),
+                outcome,
+            };
+            assert_eq!(
+                job.apply(late),
+                Err(JobError::StaleFence {
+                    got: Fence(5),
+                    current: Fence(5)
+                })
+            );
+        }
+        assert_eq!(job.phase(), JobPhase::Queued);
     }
 
     #[test]

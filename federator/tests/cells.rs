@@ -417,7 +417,11 @@ async fn an_agent_that_restarts_gets_its_lost_runners_retried_at_once() {
     let (_, cells) = c.get("/api/v1/cells", ADMIN).await;
     assert_eq!(cells[0]["state"], "active", "{cells}");
     assert_eq!(
-        c.fed(0).cells().metrics().lease_expiries.load(Ordering::Relaxed),
+        c.fed(0)
+            .cells()
+            .metrics()
+            .lease_expiries
+            .load(Ordering::Relaxed),
         0,
         "the retry must come from the reconnect, not from a lease expiry"
     );

@@ -87,9 +87,11 @@ impl State {
                 self.register_cell(spec, now_ms, &mut events);
                 Ok(Response::Ok)
             }
-            Command::ExpireLeases { cell, now_ms } => {
-                self.expire_leases(&cell, now_ms, &mut events)
-            }
+            Command::ExpireLeases {
+                cell,
+                last_seen_ms,
+                now_ms,
+            } => self.expire_leases(&cell, last_seen_ms, now_ms, &mut events),
             Command::AnnounceCellEndpoint { node_id, addr } => {
                 self.cell_endpoints.insert(node_id, addr);
                 Ok(Response::Ok)
@@ -730,11 +732,22 @@ impl State {
     }
 
     /// Marks a cell lost and takes every job it holds away from it (ARCHITECTURE §6).
-    fn expire_leases(&mut self, cell: &CellId, now_ms: u64, events: &mut Vec<Event>) -> Reply {
+    fn expire_leases(
+        &mut self,
+        cell: &CellId,
+        last_seen_ms: u64,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Reply {
         let c = self
             .cells
             .get_mut(cell)
             .ok_or_else(|| Rejection::NotFound(format!("cell `{cell}`")))?;
+        if c.last_seen_ms != last_seen_ms {
+            return Err(Rejection::Conflict(format!(
+                "cell `{cell}` registered again since its leases were judged expired"
+            )));
+        }
         if c.state != CellState::Lost {
             c.state = CellState::Lost;
             events.push(Event::CellChanged(cell.clone()));

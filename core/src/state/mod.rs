@@ -588,6 +588,9 @@ pub enum Command {
     ExpireLeases {
         /// The cell.
         cell: CellId,
+        /// The cell's `last_seen_ms` when the leader decided: refused if the cell has
+        /// registered again since (its agent came back while this entry was in flight).
+        last_seen_ms: u64,
         /// Leader time.
         now_ms: u64,
     },

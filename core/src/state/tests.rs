@@ -69,6 +69,16 @@ impl World {
         w
     }
 
+    fn expire(&mut self, cell: &str) {
+        let id = CellId::new(cell).unwrap();
+        let (last_seen_ms, now_ms) = (self.state.cells[&id].last_seen_ms, self.now);
+        self.ok(Command::ExpireLeases {
+            cell: id,
+            last_seen_ms,
+            now_ms,
+        });
+    }
+
     fn register(&mut self, cell: &str) {
         let now_ms = self.now;
         self.ok(Command::RegisterCell {
@@ -538,7 +548,7 @@ proptest! {
                 },
                 Step::Cancel => Command::CancelBuild { build: b, now_ms: w.now },
                 Step::Retry => Command::RetryBuild { build: b, now_ms: w.now },
-                Step::Expire => Command::ExpireLeases { cell: CellId::new("eu-1").unwrap(), now_ms: w.now },
+                Step::Expire => Command::ExpireLeases { cell: CellId::new("eu-1").unwrap(), last_seen_ms: w.state.cells[&CellId::new("eu-1").unwrap()].last_seen_ms, now_ms: w.now },
                 Step::Register => Command::RegisterCell { spec: cell_spec("eu-1"), now_ms: w.now },
             };
             let before = w.state.clone();
@@ -581,8 +591,10 @@ fn a_lost_cell_gives_up_its_jobs_with_a_new_attempt_and_they_are_revoked_there()
     });
 
     let cell = CellId::new("eu-1").unwrap();
+    let seen = w.state.cells[&cell].last_seen_ms;
     let applied = w.ok(Command::ExpireLeases {
         cell: cell.clone(),
+        last_seen_ms: seen,
         now_ms,
     });
     assert_eq!(w.state.cells[&cell].state, CellState::Lost);
@@ -647,11 +659,7 @@ fn a_job_whose_infra_retries_are_spent_fails_when_its_cell_is_lost_and_dooms_its
         None,
     );
     w.place(b, "a");
-    let now_ms = w.now;
-    w.ok(Command::ExpireLeases {
-        cell: CellId::new("eu-1").unwrap(),
-        now_ms,
-    });
+    w.expire("eu-1");
     assert_eq!(w.phase(b, "a"), JobPhase::Failed);
     assert_eq!(w.phase(b, "b"), JobPhase::Cancelled);
     assert_eq!(w.status(b), BuildStatus::Failed);
@@ -662,6 +670,7 @@ fn expiring_an_unknown_cell_is_refused() {
     let mut w = World::new();
     let a = w.apply(Command::ExpireLeases {
         cell: CellId::new("nowhere").unwrap(),
+        last_seen_ms: 0,
         now_ms: 1,
     });
     assert!(matches!(
@@ -713,12 +722,29 @@ fn first_fit_fills_live_active_cells_up_to_their_pool_size_oldest_job_first() {
     );
 
     // A cordoned or lost cell takes nothing; the limit caps the batch.
-    let now_ms = w.now;
-    w.ok(Command::ExpireLeases {
-        cell: eu1.clone(),
-        now_ms,
-    });
+    w.expire("eu-1");
     let p = crate::placement::first_fit(&w.state, &live, 5, 100, 2);
     assert_eq!(p.len(), 2);
     assert!(p.iter().all(|p| p.cell == eu2));
+}
+
+#[test]
+fn a_cell_that_registered_again_is_not_expired_by_an_entry_decided_before() {
+    let mut w = World::new();
+    let b = w.build_with("version: 1\njobs:\n  a: { run: 'true' }\n", None);
+    w.place(b, "a");
+    let cell = CellId::new("eu-1").unwrap();
+    let judged = w.state.cells[&cell].last_seen_ms;
+    w.register("eu-1");
+    let late = w.apply(Command::ExpireLeases {
+        cell: cell.clone(),
+        last_seen_ms: judged,
+        now_ms: w.now,
+    });
+    assert!(matches!(
+        late.response,
+        Response::Rejected(Rejection::Conflict(_))
+    ));
+    assert_eq!(w.state.cells[&cell].state, CellState::Active);
+    assert_eq!(w.phase(b, "a"), JobPhase::Leased);
 }

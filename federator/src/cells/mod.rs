@@ -270,7 +270,22 @@ impl CellHub {
                     self.send(cell, message(msg));
                     wake = true;
                 }
-                Event::JobsQueued(_) | Event::CellChanged(_) | Event::JobChanged(_) => {
+                Event::CellChanged(cell) => {
+                    // A cell declared lost while its session lingers (a long stall the
+                    // connection survived) must say hello again to become active: close the
+                    // session so the agent reconnects and re-registers.
+                    let lost = self.node.read(|m| {
+                        m.state().cells.get(cell).map(|c| c.state) == Some(CellState::Lost)
+                    });
+                    if lost {
+                        let mut s = self.lock();
+                        if s.by_cell.remove(cell).is_some() {
+                            s.silent_since.insert(cell.clone(), Instant::now());
+                        }
+                    }
+                    wake = true;
+                }
+                Event::JobsQueued(_) | Event::JobChanged(_) => {
                     wake = true;
                 }
                 Event::BuildCreated(_) | Event::BuildChanged(_) => {}
@@ -342,18 +357,33 @@ impl CellHub {
         let period = (self.timing.heartbeat_interval / 2).max(Duration::from_millis(50));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
+        let mut resent: HashMap<(JobId, Fence), Instant> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tick.tick() => {}
             }
+            // If this process was paused (stopped, swapped, starved) it heard nothing from
+            // anyone meanwhile: count every cell as heard from now rather than expiring the
+            // whole fleet at once.
+            if last_tick.elapsed() > period * 4 {
+                tracing::warn!(paused = ?last_tick.elapsed(), "The lease monitor was paused; restarting every cell's lease.");
+                let mut s = self.lock();
+                if s.leading_since.is_some() {
+                    s.leading_since = Some(Instant::now());
+                }
+            }
+            last_tick = Instant::now();
             if !self.is_leader() {
                 continue;
             }
-            for cell in self.overdue() {
+            self.resend_stuck_assignments(&mut resent);
+            for (cell, last_seen_ms) in self.overdue() {
                 let now_ms = self.clock.now_ms();
                 let command = Entry::V1(Command::ExpireLeases {
                     cell: cell.clone(),
+                    last_seen_ms,
                     now_ms,
                 });
                 match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
@@ -373,15 +403,53 @@ impl CellHub {
         }
     }
 
-    /// Cells that are not yet lost and have been silent for longer than a lease.
-    fn overdue(&self) -> Vec<CellId> {
+    /// Sends the assignment again for jobs leased to a connected cell for longer than a lease
+    /// without starting (an `Assign` lost on the way, or dropped by a full session), at most
+    /// once per lease per attempt. The agent ignores assignments it already holds or ran.
+    fn resend_stuck_assignments(&self, resent: &mut HashMap<(JobId, Fence), Instant>) {
         let lease = self.timing.lease();
-        let candidates: Vec<CellId> = self.node.read(|m| {
+        let lease_ms = lease.as_millis() as u64;
+        let now_ms = self.clock.now_ms();
+        let connected = self.connected();
+        let stuck: Vec<(CellId, Assignment)> = self.node.read(|m| {
+            let s = m.state();
+            s.jobs
+                .values()
+                .filter(|j| j.phase() == JobPhase::Leased)
+                .filter(|j| {
+                    j.placed_at_ms
+                        .is_some_and(|p| now_ms.saturating_sub(p) > lease_ms)
+                })
+                .filter_map(|j| {
+                    let cell = j.run.cell()?.clone();
+                    let a = assignment(s, j.id, j.run.fence()?)?;
+                    connected.contains(&cell).then_some((cell, a))
+                })
+                .collect()
+        });
+        resent.retain(|k, _| stuck.iter().any(|(_, a)| (a.job, a.fence) == *k));
+        for (cell, a) in stuck {
+            let key = (a.job, a.fence);
+            if resent.get(&key).is_some_and(|t| t.elapsed() < lease) {
+                continue;
+            }
+            tracing::warn!(cell = %cell, job = %a.job, fence = %a.fence, "Job leased without starting for a whole lease; sending its assignment again.");
+            resent.insert(key, Instant::now());
+            let msg = pb::federator_message::Msg::Assign(assign_to_pb(&a, lease_ms));
+            self.send(&cell, message(msg));
+        }
+    }
+
+    /// Cells that are not yet lost and have been silent for longer than a lease, with the
+    /// `last_seen_ms` they were judged at.
+    fn overdue(&self) -> Vec<(CellId, u64)> {
+        let lease = self.timing.lease();
+        let candidates: Vec<(CellId, u64)> = self.node.read(|m| {
             m.state()
                 .cells
                 .values()
                 .filter(|c| c.state != CellState::Lost)
-                .map(|c| c.id.clone())
+                .map(|c| (c.id.clone(), c.last_seen_ms))
                 .collect()
         });
         let s = self.lock();
@@ -390,7 +458,7 @@ impl CellHub {
         };
         candidates
             .into_iter()
-            .filter(|c| {
+            .filter(|(c, _)| {
                 let last = match s.by_cell.get(c) {
                     Some(sess) => sess.last_heartbeat,
                     None => s.silent_since.get(c).copied().unwrap_or(leading_since),

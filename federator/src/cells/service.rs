@@ -38,6 +38,9 @@ use pb::federator_message::Msg as Out;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued to one agent before the session is considered stuck.
 const OUTBOX: usize = 8192;
+/// How long one commit from a session may take before the session is closed (the agent
+/// reconnects, perhaps to a healthier leader, and re-sends).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
@@ -135,30 +138,35 @@ impl CellService for CellServer {
             spec,
             now_ms: hub.clock.now_ms(),
         });
-        if let Err(e) = hub.node.propose(register).await {
-            tracing::info!(cell = %cell, error = %e, "Could not register the cell; sending it to the leader.");
-            return Ok(tonic::Response::new(not_leader(hub.leader_hint())));
+        match tokio::time::timeout(COMMIT_TIMEOUT, hub.node.propose(register)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::info!(cell = %cell, error = %e, "Could not register the cell; sending it to the leader.");
+                return Ok(tonic::Response::new(not_leader(hub.leader_hint())));
+            }
+            Err(_) => return Err(Status::unavailable("registering the cell timed out; retry")),
         }
         let (tx, rx) = mpsc::channel(OUTBOX);
-        let sid = hub.open(&cell, tx.clone());
+        // Welcome goes first: assignments may be queued as soon as the session is open.
         let welcome = Out::Welcome(pb::Welcome {
             heartbeat_interval_ms: hub.timing.heartbeat_interval.as_millis() as u64,
             node_id: hub.node.id(),
         });
         let _ = tx.try_send(message(welcome));
+        let sid = hub.open(&cell, tx.clone());
         tracing::info!(cell = %cell, peer = ?peer, session = sid, "Cell session opened.");
-        hub.reconcile(&cell, &from_job_refs(&hello.known), &tx)
-            .await;
         let reader = Reader {
             hub: hub.clone(),
             cell,
             sid,
             tx,
         };
-        // The reader ends when the agent hangs up, the session is replaced or this replica
-        // stops leading or shuts down; it holds the only other sender, so the outbound
-        // stream ends with it.
-        tokio::spawn(reader.run(inbound, self.shutdown.clone()));
+        // The reader reconciles (after the stream is returned, so the agent sees Welcome at
+        // once), then reads until the agent hangs up, the session is replaced or this replica
+        // stops leading or shuts down; it holds the only other sender, so the outbound stream
+        // ends with it.
+        let known = from_job_refs(&hello.known);
+        tokio::spawn(reader.run(known, inbound, self.shutdown.clone()));
         Ok(tonic::Response::new(outbound(rx)))
     }
 }
@@ -251,8 +259,12 @@ impl CellHub {
                 }),
                 now_ms: self.clock.now_ms(),
             });
-            if let Err(e) = self.node.propose(command).await {
-                tracing::warn!(job = %job, error = %e, "Could not fail a forgotten attempt.");
+            match tokio::time::timeout(COMMIT_TIMEOUT, self.node.propose(command)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(job = %job, error = %e, "Could not fail a forgotten attempt.");
+                }
+                Err(_) => tracing::warn!(job = %job, "Failing a forgotten attempt timed out."),
             }
         }
     }
@@ -272,9 +284,11 @@ struct Reader {
 impl Reader {
     async fn run(
         self,
+        known: Vec<(JobId, Fence)>,
         mut inbound: Streaming<pb::AgentMessage>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        self.hub.reconcile(&self.cell, &known, &self.tx).await;
         loop {
             let next = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -333,13 +347,49 @@ impl Reader {
                 return self.tx.send(ack(e.to_string())).await.is_ok();
             }
         };
-        let command = command_for(&report, self.hub.clock.now_ms());
-        let response = match self.hub.node.propose(Entry::V1(command)).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(cell = %self.cell, job = %report.job, error = %e, "Could not commit a job update; closing the session.");
-                return false;
+        // Only the cell holding the attempt may report on it. Two jobs placed by one entry
+        // share a fence, so the fence alone does not tell cells apart; and a job leaves a
+        // cell only with a new fence or by leaving Leased/Running, both of which `apply`
+        // refuses as stale, so checking here before committing is race-free.
+        let ours = self.hub.node.read(|m| {
+            m.state()
+                .jobs
+                .get(&report.job)
+                .is_some_and(|j| j.run.cell() == Some(&self.cell))
+        });
+        let response = if ours {
+            let command = command_for(&report, self.hub.clock.now_ms());
+            match tokio::time::timeout(COMMIT_TIMEOUT, self.hub.node.propose(Entry::V1(command)))
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(cell = %self.cell, job = %report.job, error = %e, "Could not commit a job update; closing the session.");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::warn!(cell = %self.cell, job = %report.job, "Committing a job update timed out; closing the session.");
+                    return false;
+                }
             }
+        } else {
+            self.hub
+                .node
+                .read(|m| match m.state().jobs.get(&report.job) {
+                    // Finished and acknowledged before: a re-sent duplicate, harmless.
+                    Some(j) if j.phase().is_terminal() && j.run.fence() == Some(report.fence) => {
+                        Response::Rejected(Rejection::Conflict(format!(
+                            "job {} already finished",
+                            report.job
+                        )))
+                    }
+                    Some(j) => Response::Rejected(Rejection::StaleFence {
+                        job: report.job,
+                        got: report.fence,
+                        current: j.run.fence().unwrap_or(report.fence),
+                    }),
+                    None => Response::Rejected(Rejection::NotFound(format!("job {}", report.job))),
+                })
         };
         let rejected = match response {
             Response::Rejected(r @ Rejection::StaleFence { .. }) => {
