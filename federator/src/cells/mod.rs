@@ -299,23 +299,34 @@ impl CellHub {
     /// The scheduler: while leading, places queued jobs on connected active cells, one
     /// `PlaceJobs` entry per batch, at most every 100 ms.
     pub async fn run_scheduler(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut last = Instant::now() - MIN_TICK;
+        // The spacing counts from the last tick that placed something: a tick that found
+        // nothing to do (woken by a report, say) must not delay the next job by 100 ms.
+        let mut last_placed = Instant::now() - MIN_TICK;
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(IDLE_TICK) => {}
             }
-            let since = last.elapsed();
+            let since = last_placed.elapsed();
             if since < MIN_TICK {
                 tokio::time::sleep(MIN_TICK - since).await;
             }
-            last = Instant::now();
             if !self.is_leader() {
                 continue;
             }
-            // Drain this batch fully before waiting again (a batch is capped).
-            while self.place_once().await == MAX_BATCH {}
+            // Drain the queue in capped batches before waiting again.
+            let mut placed = 0;
+            loop {
+                let n = self.place_once().await;
+                placed += n;
+                if n < MAX_BATCH {
+                    break;
+                }
+            }
+            if placed > 0 {
+                last_placed = Instant::now();
+            }
         }
     }
 
