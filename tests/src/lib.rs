@@ -10,8 +10,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// The workspace root: where `examples/` lives and where commands are run from.
+///
+/// Read from `CARGO_MANIFEST_DIR` at run time (cargo and nextest set it for test binaries)
+/// rather than baked in at compile time: clones that share one target directory can reuse
+/// each other's test binaries, and a baked-in path would point into the other clone.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    Path::new(&manifest_dir)
         .parent()
         .expect("tests/ sits in the workspace")
         .to_path_buf()

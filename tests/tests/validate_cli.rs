@@ -148,11 +148,11 @@ fn a_missing_file_is_an_error_with_status_2() {
 }
 
 #[test]
-fn commands_that_are_not_built_yet_say_so() {
-    let r = run(&["dev"]);
-    assert_eq!(r.code, 2);
+fn a_cell_agent_without_credentials_says_how_to_authenticate() {
+    let r = run(&["cell-agent", "--cell", "c1", "--federator", "127.0.0.1:1"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("`flotilla dev` is not built yet"),
+        r.stderr.contains("--token-file") && r.stderr.contains("--tls-cert"),
         "{}",
         r.stderr
     );
