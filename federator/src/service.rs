@@ -162,9 +162,10 @@ impl Federator {
                 deps.cell_tls.clone(),
                 stopped.clone(),
             )));
-            cell_tasks.push(tokio::spawn(announce_cells(
+            cell_tasks.push(tokio::spawn(announce(
                 node.clone(),
                 config.node_id,
+                Announced::Cells,
                 config.cells_advertise(bound),
                 stopped.clone(),
             )));
@@ -205,6 +206,7 @@ impl Federator {
         let announcer = tokio::spawn(announce(
             node.clone(),
             config.node_id,
+            Announced::Http,
             config.http_advertise(http_addr),
             stopped,
         ));
@@ -299,61 +301,51 @@ async fn join_cluster(
     Ok(())
 }
 
-/// Tells the cluster where this replica's API is (for redirects), retrying until it sticks.
+/// An address this replica announces to the cluster: its HTTP API (for redirects to the
+/// leader) or its cell service (for agents sent to the leader).
+#[derive(Debug, Clone, Copy)]
+enum Announced {
+    Http,
+    Cells,
+}
+
+/// Tells the cluster where this replica serves `what`, retrying until it sticks.
 async fn announce(
     node: Arc<Node<Machine>>,
     node_id: u64,
-    http_url: String,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let known = node.read(|m| m.state().replicas.get(&node_id) == Some(&http_url));
-        if known {
-            return;
-        }
-        let command = Entry::V1(Command::AnnounceReplica {
-            node_id,
-            http_url: http_url.clone(),
-        });
-        match node
-            .propose_via_leader(command, Duration::from_secs(10))
-            .await
-        {
-            Ok(_) => return,
-            Err(e) => tracing::debug!(error = %e, "Announcing the API address failed; retrying."),
-        }
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Tells the cluster where this replica serves cell sessions (for `NotLeader` hints).
-async fn announce_cells(
-    node: Arc<Node<Machine>>,
-    node_id: u64,
+    what: Announced,
     addr: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let known = node.read(|m| m.state().cell_endpoints.get(&node_id) == Some(&addr));
+        let known = node.read(|m| {
+            let s = m.state();
+            let table = match what {
+                Announced::Http => &s.replicas,
+                Announced::Cells => &s.cell_endpoints,
+            };
+            table.get(&node_id) == Some(&addr)
+        });
         if known {
             return;
         }
-        let command = Entry::V1(Command::AnnounceCellEndpoint {
-            node_id,
-            addr: addr.clone(),
-        });
+        let command = match what {
+            Announced::Http => Command::AnnounceReplica {
+                node_id,
+                http_url: addr.clone(),
+            },
+            Announced::Cells => Command::AnnounceCellEndpoint {
+                node_id,
+                addr: addr.clone(),
+            },
+        };
         match node
-            .propose_via_leader(command, Duration::from_secs(10))
+            .propose_via_leader(Entry::V1(command), Duration::from_secs(10))
             .await
         {
             Ok(_) => return,
-            Err(e) => tracing::debug!(error = %e, "Announcing the cell address failed; retrying."),
+            Err(e) => tracing::debug!(error = %e, ?what, "Announcing an address failed; retrying."),
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
