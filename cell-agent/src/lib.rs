@@ -11,5 +11,6 @@
 
 pub mod agent;
 pub mod backend;
+pub mod runner;
 
 pub use agent::{Agent, AgentAuth, AgentConfig, AgentStats};

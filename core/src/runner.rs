@@ -181,8 +181,30 @@ pub trait RunnerBackend: Send + Sync + std::fmt::Debug + 'static {
     /// The attempts currently running or being cleaned up.
     fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, RunnerError>>;
 
-    /// Kills every attempt (reporting them cancelled) and waits for their cleanup.
+    /// Stops the backend and waits for its background work. A backend whose runners die with
+    /// the agent (`local`) kills every attempt first, reporting them cancelled; one whose
+    /// runners outlive it (`kubernetes` pods) leaves them running, reports nothing more, and
+    /// the next agent takes them over with [`RunnerBackend::recover`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// Takes over the attempts a previous run of the agent left running (pods survive an
+    /// agent restart), sending their events to `events` from now on, and returns their
+    /// assignments so the agent can tell the federator it still holds them. Called once,
+    /// before the agent's first session. Backends whose runners die with the agent have
+    /// nothing to recover.
+    fn recover(
+        &self,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<Vec<Assignment>, RunnerError>> {
+        let _ = events;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Runner creations per second the backend can still afford (the cell's `api_budget`),
+    /// or `None` when nothing limits it.
+    fn api_budget(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Where an attempt got to, as a cell reports it to the federator.

@@ -4,6 +4,7 @@
 //! - [`conformance`]: the suite every backend must pass, run from each backend's tests.
 
 pub mod conformance;
+pub mod kubernetes;
 pub mod local;
 
 pub use local::{LocalBackend, LocalConfig, SandboxMode};

@@ -1,0 +1,478 @@
+//! One attempt's task: create (or adopt) its pod, follow the pod through the watcher's
+//! updates and its log, cancel it on request, report `Finished` exactly once, then reap it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_core::job::{FailureClass, InfraReason, Outcome};
+use flotilla_core::runner::{Assignment, RunnerEvent, RunnerEvents, Stream};
+use futures::{AsyncBufReadExt as _, Stream as FuturesStream, StreamExt as _};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, LogParams, PostParams, PropagationPolicy};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::status::{Ending, Observation, observe};
+use super::{Inner, PodView, render};
+use crate::runner::record::Record;
+
+/// How long after the pod ended its log may take to drain.
+const LOG_DRAIN: Duration = Duration::from_secs(10);
+/// After asking for a cancelled pod's deletion, how long past its grace period to wait for
+/// it to go before reporting it cancelled anyway (Kubernetes will kill it regardless).
+const CANCEL_SLACK: Duration = Duration::from_secs(15);
+/// Pause before following the log again when the stream broke or could not open.
+const LOG_RETRY: Duration = Duration::from_secs(1);
+
+const CRASH: Outcome = Outcome::Failed(FailureClass::Infra {
+    reason: InfraReason::RunnerCrash,
+});
+const CANCELLED: Outcome = Outcome::Failed(FailureClass::Cancelled);
+
+/// Wall-clock milliseconds since the Unix epoch, for event stamps.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "event stamps are wall-clock times shown to users; nothing here decides by them"
+)]
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether the task creates the pod or takes over one that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Create,
+    Adopt,
+}
+
+type Lines = Pin<Box<dyn FuturesStream<Item = std::io::Result<String>> + Send>>;
+
+pub(super) struct Task {
+    pub(super) inner: Arc<Inner>,
+    pub(super) assignment: Assignment,
+    pub(super) events: Arc<dyn RunnerEvents>,
+    pub(super) view: watch::Receiver<PodView>,
+    pub(super) cancel: watch::Receiver<bool>,
+    pub(super) stop: watch::Receiver<bool>,
+}
+
+/// Where the attempt is.
+struct Progress {
+    seen: bool,
+    gone: bool,
+    started: bool,
+    deleting: bool,
+    delete_deadline: Option<Instant>,
+    /// Since when the pod has been failing to pull, stuck or unschedulable, and why.
+    trouble: Option<(Instant, Trouble, String)>,
+    log: Option<Lines>,
+    log_done: bool,
+    log_retry_at: Option<Instant>,
+    /// The newest record stamp read from the log, to skip repeats after re-following.
+    last_ts: u64,
+    /// The outcome the wrapper wrote in its log (the termination message usually agrees).
+    logged_outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trouble {
+    Pull,
+    Stuck,
+    Unschedulable,
+}
+
+impl Task {
+    pub(super) async fn run(mut self, mode: Mode) {
+        let a = &self.assignment;
+        let (job, fence) = (a.job, a.fence);
+        let name = render::pod_name(a);
+        if mode == Mode::Create
+            && let Err(ending) = self.create(&name).await
+        {
+            self.finish(&name, ending, false);
+            return;
+        }
+        let mut p = Progress {
+            seen: false,
+            gone: false,
+            started: false,
+            deleting: false,
+            delete_deadline: None,
+            trouble: None,
+            log: None,
+            log_done: false,
+            log_retry_at: None,
+            last_ts: 0,
+            logged_outcome: None,
+        };
+        let mut view = self.view.clone();
+        let mut cancel = self.cancel.clone();
+        let mut stop = self.stop.clone();
+        let ending = loop {
+            let current = view.borrow_and_update().clone();
+            if let Some(ending) = self.evaluate(&name, current, &mut p).await {
+                break ending;
+            }
+            let trouble_at = p.trouble.as_ref().map(|(since, kind, _)| *since + self.deadline(*kind));
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        return; // The backend forgot the attempt (shut down).
+                    }
+                }
+                asked = async { cancel.wait_for(|c| *c).await.is_ok() }, if !p.deleting => {
+                    if !asked {
+                        return; // Forgotten without a cancel: the backend shut down.
+                    }
+                    p.deleting = true;
+                    self.delete_for_cancel(&name, &mut p).await;
+                }
+                line = next_line(&mut p.log), if p.log.is_some() => {
+                    match line {
+                        Some(Ok(line)) => self.on_log_line(&line, &mut p),
+                        Some(Err(e)) => {
+                            tracing::debug!(job = %job, error = %e, "The pod log stream broke.");
+                            p.log = None;
+                            p.log_retry_at = Some(Instant::now() + LOG_RETRY);
+                        }
+                        None => {
+                            p.log = None;
+                            p.log_retry_at = Some(Instant::now() + LOG_RETRY);
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(p.log_retry_at.unwrap_or(far)), if p.log_retry_at.is_some() && p.log.is_none() => {}
+                () = tokio::time::sleep_until(trouble_at.unwrap_or(far)), if trouble_at.is_some() => {
+                    let (_, kind, message) = p.trouble.clone().expect("deadline implies trouble");
+                    break trouble_ending(kind, message, self.deadline(kind));
+                }
+                () = tokio::time::sleep_until(p.delete_deadline.unwrap_or(far)), if p.delete_deadline.is_some() => {
+                    break Ending { outcome: CANCELLED, message: Some("the cancelled pod did not go away in time; Kubernetes is still deleting it".into()) };
+                }
+            }
+        };
+        // The pod ended: read what is left of its log, then report.
+        if p.seen && !p.gone {
+            self.drain_log(&name, &mut p).await;
+        }
+        let mut ending = ending;
+        if p.deleting && ending.outcome != Outcome::Succeeded {
+            ending.outcome = CANCELLED;
+        }
+        if let (Some(logged), Outcome::Failed(FailureClass::Infra { .. })) =
+            (p.logged_outcome, ending.outcome)
+            && !p.deleting
+        {
+            // The wrapper finished and said how before the pod was torn down.
+            ending.outcome = logged;
+        }
+        let reap = !p.gone;
+        tracing::info!(job = %job, fence = %fence, outcome = ?ending.outcome, "Attempt finished.");
+        self.finish(&name, ending, reap);
+    }
+
+    /// Creates the spec Secret's owner (the pod) and then the Secret. A pod that exists
+    /// already (an agent restart between create and report) is taken over.
+    async fn create(&mut self, name: &str) -> Result<(), Ending> {
+        let inner = &self.inner;
+        let pod = render::pod(&inner.cfg, &inner.cell, &self.assignment);
+        let uid = match inner.pods.create(&PostParams::default(), &pod).await {
+            Ok(created) => {
+                inner.meter.record();
+                created.metadata.uid
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::info!(pod = %name, "The attempt's pod exists already; taking it over.");
+                self.existing_uid(name).await
+            }
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                return Err(Ending {
+                    outcome: Outcome::Failed(FailureClass::Config),
+                    message: Some(format!("Kubernetes refused the runner pod: {}", e.message)),
+                });
+            }
+            Err(e) => {
+                return Err(Ending {
+                    outcome: CRASH,
+                    message: Some(format!("could not create the runner pod: {e}")),
+                });
+            }
+        };
+        let secret = render::spec_secret(&inner.cfg, &inner.cell, &self.assignment, uid.as_deref());
+        match inner.secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => {
+                inner.reap(name.to_owned());
+                Err(Ending {
+                    outcome: CRASH,
+                    message: Some(format!("could not create the job spec Secret: {e}")),
+                })
+            }
+        }
+    }
+
+    async fn existing_uid(&self, name: &str) -> Option<String> {
+        if let PodView::Present(p) = &*self.view.borrow() {
+            return p.metadata.uid.clone();
+        }
+        match self.inner.pods.get(name).await {
+            Ok(p) => p.metadata.uid,
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "Cannot read the existing pod.");
+                None
+            }
+        }
+    }
+
+    fn deadline(&self, kind: Trouble) -> Duration {
+        match kind {
+            Trouble::Pull | Trouble::Stuck => self.inner.cfg.image_pull_deadline,
+            Trouble::Unschedulable => self.inner.cfg.unschedulable_deadline,
+        }
+    }
+
+    /// Looks at the pod's latest state; `Some` once the attempt is over.
+    async fn evaluate(&self, name: &str, view: PodView, p: &mut Progress) -> Option<Ending> {
+        let pod = match view {
+            PodView::Unseen => return None,
+            PodView::Gone => {
+                if !p.seen {
+                    // Listed before the create landed; the watch delivers it next.
+                    return None;
+                }
+                p.gone = true;
+                return Some(if p.deleting {
+                    Ending {
+                        outcome: CANCELLED,
+                        message: None,
+                    }
+                } else {
+                    Ending {
+                        outcome: Outcome::Failed(FailureClass::Infra {
+                            reason: InfraReason::Evicted,
+                        }),
+                        message: Some(
+                            "the runner pod was deleted by someone other than this agent".into(),
+                        ),
+                    }
+                });
+            }
+            PodView::Present(pod) => pod,
+        };
+        p.seen = true;
+        match observe(&pod, p.deleting) {
+            Observation::Ended(ending) => return Some(ending),
+            Observation::Waiting => p.trouble = None,
+            Observation::PullFailing { message } => note_trouble(p, Trouble::Pull, message),
+            Observation::Stuck { message } => note_trouble(p, Trouble::Stuck, message),
+            Observation::Unschedulable { message } => {
+                note_trouble(p, Trouble::Unschedulable, message);
+            }
+            Observation::Running { started_at_ms } => {
+                p.trouble = None;
+                if !p.started {
+                    self.mark_started(p, started_at_ms.unwrap_or_else(now_ms));
+                }
+            }
+        }
+        if p.started && p.log.is_none() && !p.log_done
+            && p.log_retry_at.is_none_or(|at| Instant::now() >= at)
+        {
+            p.log_retry_at = None;
+            p.log = self.follow(name, true, p.last_ts).await;
+            if p.log.is_none() {
+                p.log_retry_at = Some(Instant::now() + LOG_RETRY);
+            }
+        }
+        None
+    }
+
+    fn mark_started(&self, p: &mut Progress, at_ms: u64) {
+        p.started = true;
+        let (job, fence) = (self.assignment.job, self.assignment.fence);
+        self.inner.mark_started(&job, fence, at_ms);
+        self.events
+            .event(job, fence, RunnerEvent::Started { at_ms });
+    }
+
+    /// Opens the job container's log; `since_ms` skips what was read before.
+    async fn follow(&self, name: &str, follow: bool, since_ms: u64) -> Option<Lines> {
+        let params = LogParams {
+            container: Some(render::JOB_CONTAINER.into()),
+            follow,
+            since_time: (since_ms > 0)
+                .then(|| chrono_from_ms(since_ms))
+                .flatten(),
+            ..LogParams::default()
+        };
+        match self.inner.pods.log_stream(name, &params).await {
+            Ok(reader) => Some(Box::pin(reader.lines())),
+            Err(e) => {
+                tracing::debug!(pod = %name, error = %e, "Cannot follow the pod log yet.");
+                None
+            }
+        }
+    }
+
+    fn on_log_line(&self, line: &str, p: &mut Progress) {
+        let (job, fence) = (self.assignment.job, self.assignment.fence);
+        let record = Record::parse_line(line, now_ms());
+        match record {
+            Record::Started { ts } => {
+                if !p.started {
+                    self.mark_started(p, ts);
+                }
+            }
+            Record::Finished { outcome, .. } => p.logged_outcome = Some(outcome),
+            Record::Line { ts, .. } => {
+                // After re-following from the last stamp, lines at or before it were read.
+                if ts < p.last_ts {
+                    return;
+                }
+                p.last_ts = ts;
+                self.events.event(job, fence, record.into_event());
+            }
+        }
+    }
+
+    /// Reads the rest of the log once the pod ended: the open stream to its end, or the
+    /// whole log when it was never followed (the pod ran and ended between two looks).
+    async fn drain_log(&mut self, name: &str, p: &mut Progress) {
+        let pod_ran = p.started || p.log.is_some();
+        if p.log.is_none() && !p.log_done {
+            if !pod_ran && !job_container_terminated(&self.view.borrow()) {
+                return;
+            }
+            p.log = self.follow(name, false, p.last_ts).await;
+        }
+        let deadline = Instant::now() + LOG_DRAIN;
+        while let Some(log) = &mut p.log {
+            match tokio::time::timeout_at(deadline, log.next()).await {
+                Ok(Some(Ok(line))) => self.on_log_line(&line, p),
+                Ok(Some(Err(_)) | None) => break,
+                Err(_) => {
+                    tracing::warn!(pod = %name, "The pod's log did not end after the pod did.");
+                    break;
+                }
+            }
+        }
+        p.log = None;
+        p.log_done = true;
+    }
+
+    async fn delete_for_cancel(&self, name: &str, p: &mut Progress) {
+        let grace = self.inner.cfg.cancel_grace;
+        let params = DeleteParams {
+            grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        p.delete_deadline = Some(Instant::now() + grace + CANCEL_SLACK);
+        match self.inner.pods.delete(name, &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                // Never created or already gone.
+                p.gone = p.seen;
+                p.delete_deadline = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "Could not delete the cancelled pod; the reaper retries.");
+            }
+        }
+    }
+
+    fn finish(&self, name: &str, ending: Ending, reap: bool) {
+        let (job, fence) = (self.assignment.job, self.assignment.fence);
+        if let Some(message) = ending.message {
+            self.events.event(
+                job,
+                fence,
+                RunnerEvent::Line {
+                    stream: Stream::System,
+                    step: None,
+                    text: message,
+                    at_ms: now_ms(),
+                },
+            );
+        }
+        self.inner.forget(&job, fence);
+        self.events.event(
+            job,
+            fence,
+            RunnerEvent::Finished {
+                outcome: ending.outcome,
+                at_ms: now_ms(),
+            },
+        );
+        if reap {
+            self.inner.reap(name.to_owned());
+        }
+    }
+}
+
+fn note_trouble(p: &mut Progress, kind: Trouble, message: String) {
+    match &mut p.trouble {
+        Some((_, k, m)) if *k == kind => *m = message,
+        _ => p.trouble = Some((Instant::now(), kind, message)),
+    }
+}
+
+fn trouble_ending(kind: Trouble, message: String, after: Duration) -> Ending {
+    let after = humantime::format_duration(after);
+    match kind {
+        Trouble::Pull => Ending {
+            outcome: Outcome::Failed(FailureClass::Infra {
+                reason: InfraReason::ImagePull,
+            }),
+            message: Some(format!("the image could not be pulled for {after}: {message}")),
+        },
+        Trouble::Stuck => Ending {
+            outcome: CRASH,
+            message: Some(format!("the runner could not be created for {after}: {message}")),
+        },
+        Trouble::Unschedulable => Ending {
+            outcome: CRASH,
+            message: Some(format!("no node could take the runner for {after}: {message}")),
+        },
+    }
+}
+
+fn job_container_terminated(view: &PodView) -> bool {
+    let PodView::Present(pod) = view else {
+        return false;
+    };
+    terminated(pod)
+}
+
+fn terminated(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.name == render::JOB_CONTAINER
+                    && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
+            })
+        })
+}
+
+async fn next_line(log: &mut Option<Lines>) -> Option<std::io::Result<String>> {
+    match log {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn chrono_from_ms(ms: u64) -> Option<k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>> {
+    // Kubernetes' sinceTime has second precision: step back a second and let the stamps
+    // skip what was already read.
+    let secs = i64::try_from(ms / 1000).ok()?.saturating_sub(1);
+    k8s_openapi::chrono::DateTime::from_timestamp(secs, 0)
+}

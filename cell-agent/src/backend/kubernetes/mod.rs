@@ -1,0 +1,545 @@
+//! The `kubernetes` runner backend: one isolated pod per attempt (ARCHITECTURE §8).
+//!
+//! Layout:
+//! - `config`: [`KubeConfig`], the `backend.kubernetes` section of the agent's config.
+//! - `render`: the pod and spec Secret of an attempt (pure; `render-pod` prints it).
+//! - `status`: a pod's status read as an observation and a failure class (pure).
+//! - `client`: the throttled kube client and the pod-create meter behind `api_budget`.
+//! - `attempt`: the task that drives one attempt: create (or adopt), watch, follow the log,
+//!   cancel, report, reap.
+//!
+//! One watcher (kube-runtime) follows every pod of the cell (by label) and hands each pod's
+//! latest state to its attempt's task; nothing polls. Pod names derive from job, attempt and
+//! fence, so a second create of the same attempt is a conflict, never a second pod. Pods
+//! outlive the agent: shutting down leaves them running, and the next agent takes them over
+//! in [`RunnerBackend::recover`] by their labels and spec Secrets.
+
+mod attempt;
+pub mod client;
+pub mod config;
+pub mod render;
+pub mod status;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flotilla_core::ids::CellId;
+use flotilla_core::runner::{
+    Assignment, BoxFuture, RunnerBackend, RunnerError, RunnerEvents, RunnerInfo,
+};
+use flotilla_core::{Fence, JobId};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, PropagationPolicy};
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use client::{CreateMeter, ThrottleLayer};
+pub use config::{KubeConfig, KubeConfigError};
+
+use attempt::Mode;
+
+/// How long `start` and `recover` wait for the watcher's first complete list of pods
+/// before refusing (the API server is unreachable).
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs attempts as pods. Cheap to clone: clones share the same attempts.
+#[derive(Clone)]
+pub struct KubeBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: KubeConfig,
+    cell: CellId,
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+    meter: CreateMeter,
+    state: Mutex<State>,
+    /// True once the watcher has listed the cell's pods at least once.
+    ready: watch::Receiver<bool>,
+    /// Set at shutdown: every task stops without touching pods.
+    stop: watch::Sender<bool>,
+    /// Pods to delete (finished, orphaned), for the reaper task.
+    reap: mpsc::UnboundedSender<String>,
+    /// The watcher and reaper tasks, joined at shutdown.
+    background: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What an attempt task knows of its pod.
+#[derive(Debug, Clone)]
+enum PodView {
+    /// Not seen yet (just created, or the watcher has not caught up).
+    Unseen,
+    /// Its latest state.
+    Present(Box<Pod>),
+    /// Deleted.
+    Gone,
+}
+
+#[derive(Default)]
+struct State {
+    closed: bool,
+    /// `recover` ran: a pod nobody tracks from now on is an orphan.
+    recovered: bool,
+    attempts: HashMap<JobId, Tracked>,
+    /// The watcher's view of the cell's pods, by name.
+    pods: HashMap<String, Pod>,
+    /// Pods being reaped, whose later updates are expected and ignored.
+    reaping: std::collections::HashSet<String>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Tracked {
+    info: RunnerInfo,
+    pod_name: String,
+    view: watch::Sender<PodView>,
+    cancel: watch::Sender<bool>,
+}
+
+impl KubeBackend {
+    /// Starts the backend on `client` (see [`client::connect`]) for `cell`: validates the
+    /// configuration, starts watching the cell's pods, and warns loudly when pods will run
+    /// without a sandboxing runtime class. Must be called inside a tokio runtime.
+    pub fn new(client: kube::Client, cfg: KubeConfig, cell: CellId) -> Result<Self, RunnerError> {
+        cfg.validate()
+            .map_err(|e| RunnerError::Internal(format!("invalid kubernetes backend config: {e}")))?;
+        if cfg.runtime_class.is_none() {
+            tracing::warn!(
+                "backend.kubernetes.runtime_class is null: runner pods share the node's kernel \
+                 with no gVisor boundary. Jobs run arbitrary code from pushes; only do this on \
+                 nodes dedicated to trusted builds."
+            );
+        }
+        let pods = Api::namespaced(client.clone(), &cfg.namespace);
+        let secrets = Api::namespaced(client, &cfg.namespace);
+        let (ready_tx, ready) = watch::channel(false);
+        let (stop, _) = watch::channel(false);
+        let (reap, reap_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            cfg,
+            cell,
+            pods,
+            secrets,
+            meter: CreateMeter::new(Duration::from_secs(10)),
+            state: Mutex::default(),
+            ready,
+            stop,
+            reap,
+            background: Mutex::default(),
+        });
+        let watcher = tokio::spawn(watch_pods(inner.clone(), ready_tx));
+        let reaper = tokio::spawn(reap_pods(inner.clone(), reap_rx));
+        inner.background().extend([watcher, reaper]);
+        tracing::info!(
+            cell = %inner.cell,
+            namespace = %inner.cfg.namespace,
+            runtime_class = inner.cfg.runtime_class.as_deref().unwrap_or("(none)"),
+            "Kubernetes runner backend ready."
+        );
+        Ok(Self { inner })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KubeConfig {
+        &self.inner.cfg
+    }
+}
+
+impl fmt::Debug for KubeBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeBackend")
+            .field("cell", &self.inner.cell)
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change to the state is a single map operation, so it stays consistent
+        // across a panic elsewhere.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn background(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.background.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn wait_ready(&self) -> Result<(), RunnerError> {
+        let mut ready = self.ready.clone();
+        match tokio::time::timeout(READY_WITHIN, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(unavailable()),
+            Err(_) => Err(RunnerError::Unavailable(format!(
+                "cannot list the cell's pods in namespace {} (is the API server reachable and \
+                 the agent's Role in place?)",
+                self.cfg.namespace
+            ))),
+        }
+    }
+
+    /// Called by an attempt's task when its first step started.
+    fn mark_started(&self, job: &JobId, fence: Fence, at_ms: u64) {
+        if let Some(t) = self.state().attempts.get_mut(job)
+            && t.info.fence == fence
+        {
+            t.info.started_at_ms = Some(at_ms);
+        }
+    }
+
+    /// Called by an attempt's task just before it reports `Finished`.
+    fn forget(&self, job: &JobId, fence: Fence) {
+        let mut state = self.state();
+        if state.attempts.get(job).is_some_and(|t| t.info.fence == fence) {
+            state.attempts.remove(job);
+        }
+    }
+
+    /// Deletes a pod in the background (its Secret goes with it).
+    fn reap(&self, name: String) {
+        self.state().reaping.insert(name.clone());
+        let _ = self.reap.send(name);
+    }
+
+    fn view_of(&self, state: &State, name: &str) -> PodView {
+        state
+            .pods
+            .get(name)
+            .map_or(PodView::Unseen, |p| PodView::Present(Box::new(p.clone())))
+    }
+
+    /// Registers an attempt and spawns its task. The caller holds the state lock.
+    fn track(
+        self: &Arc<Self>,
+        state: &mut State,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+        mode: Mode,
+    ) {
+        let name = render::pod_name(&assignment);
+        let (view, view_rx) = watch::channel(self.view_of(state, &name));
+        let (cancel, cancel_rx) = watch::channel(false);
+        let info = RunnerInfo {
+            job: assignment.job,
+            fence: assignment.fence,
+            accepted_at_ms: attempt::now_ms(),
+            started_at_ms: None,
+            timeout_secs: assignment.timeout_secs,
+        };
+        state.attempts.insert(
+            assignment.job,
+            Tracked {
+                info,
+                pod_name: name,
+                view,
+                cancel,
+            },
+        );
+        state.tasks.retain(|t| !t.is_finished());
+        let task = attempt::Task {
+            inner: self.clone(),
+            assignment,
+            events,
+            view: view_rx,
+            cancel: cancel_rx,
+            stop: self.stop.subscribe(),
+        };
+        state.tasks.push(tokio::spawn(task.run(mode)));
+    }
+
+    /// The watcher saw `pod` (added or changed).
+    fn pod_seen(&self, pod: Pod) {
+        let Some(name) = pod.metadata.name.clone() else {
+            return;
+        };
+        let mut state = self.state();
+        let tracked = state.attempts.values().find(|t| t.pod_name == name);
+        match tracked {
+            Some(t) => {
+                t.view.send_replace(PodView::Present(Box::new(pod.clone())));
+            }
+            None if state.recovered && !state.closed && !state.reaping.contains(&name) => {
+                tracing::warn!(pod = %name, "Deleting a runner pod no attempt of this agent owns.");
+                state.reaping.insert(name.clone());
+                let _ = self.reap.send(name.clone());
+            }
+            None => {}
+        }
+        state.pods.insert(name, pod);
+    }
+
+    /// The watcher saw `name` deleted.
+    fn pod_gone(&self, name: &str) {
+        let mut state = self.state();
+        state.pods.remove(name);
+        state.reaping.remove(name);
+        if let Some(t) = state.attempts.values().find(|t| t.pod_name == name) {
+            t.view.send_replace(PodView::Gone);
+        }
+    }
+
+    /// The watcher (re)listed every pod: replace the view wholesale. A tracked pod missing
+    /// from the list was deleted while the watch was down.
+    fn pods_listed(&self, pods: HashMap<String, Pod>) {
+        let mut state = self.state();
+        for t in state.attempts.values() {
+            let view = match pods.get(&t.pod_name) {
+                Some(p) => PodView::Present(Box::new(p.clone())),
+                None => PodView::Gone,
+            };
+            t.view.send_replace(view);
+        }
+        state.reaping.retain(|name| pods.contains_key(name));
+        state.pods = pods;
+    }
+}
+
+/// Follows every pod of the cell and hands each change to its attempt.
+async fn watch_pods(inner: Arc<Inner>, ready: watch::Sender<bool>) {
+    let config = watcher::Config::default().labels(&render::cell_selector(&inner.cell));
+    let stream = watcher(inner.pods.clone(), config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut stop = inner.stop.subscribe();
+    let mut listing: Option<HashMap<String, Pod>> = None;
+    loop {
+        let event = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            event = stream.next() => event,
+        };
+        match event {
+            None => break,
+            Some(Ok(watcher::Event::Init)) => listing = Some(HashMap::new()),
+            Some(Ok(watcher::Event::InitApply(pod))) => {
+                if let (Some(list), Some(name)) = (&mut listing, pod.metadata.name.clone()) {
+                    list.insert(name, pod);
+                }
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                inner.pods_listed(listing.take().unwrap_or_default());
+                ready.send_replace(true);
+            }
+            Some(Ok(watcher::Event::Apply(pod))) => inner.pod_seen(pod),
+            Some(Ok(watcher::Event::Delete(pod))) => {
+                if let Some(name) = &pod.metadata.name {
+                    inner.pod_gone(name);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Watching the cell's runner pods failed; retrying.");
+            }
+        }
+    }
+}
+
+/// Deletes finished and orphaned pods, one at a time, with no grace period.
+async fn reap_pods(inner: Arc<Inner>, mut names: mpsc::UnboundedReceiver<String>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        let name = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            name = names.recv() => match name {
+                Some(name) => name,
+                None => break,
+            },
+        };
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match inner.pods.delete(&name, &params).await {
+            Ok(_) => tracing::debug!(pod = %name, "Reaped a runner pod."),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "Could not delete a runner pod; it is retried when the watcher sees it again.");
+                inner.state().reaping.remove(&name);
+            }
+        }
+    }
+}
+
+fn unavailable() -> RunnerError {
+    RunnerError::Unavailable("the kubernetes runner backend is shutting down".to_owned())
+}
+
+impl RunnerBackend for KubeBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn start(
+        &self,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        Box::pin(async move {
+            self.inner.wait_ready().await?;
+            let job = assignment.job;
+            let fence = assignment.fence;
+            let mut state = self.inner.state();
+            if state.closed {
+                return Err(unavailable());
+            }
+            if let Some(t) = state.attempts.get(&job) {
+                if t.info.fence >= fence {
+                    return Err(RunnerError::AlreadyRunning {
+                        job,
+                        fence: t.info.fence,
+                    });
+                }
+                // A newer fence: the older attempt is stale. Its task deletes its pod and
+                // reports it cancelled; the new attempt's pod has another name.
+                tracing::info!(job = %job, fence = %t.info.fence, newer = %fence, "Stopping a stale attempt.");
+                t.cancel.send_replace(true);
+                let old = state.attempts.remove(&job).expect("just seen");
+                drop(old);
+            }
+            self.inner
+                .track(&mut state, assignment, events, Mode::Create);
+            tracing::info!(job = %job, fence = %fence, "Attempt accepted.");
+            Ok(())
+        })
+    }
+
+    fn cancel(&self, job: JobId, fence: Fence) -> BoxFuture<'_, Result<(), RunnerError>> {
+        Box::pin(async move {
+            let state = self.inner.state();
+            if let Some(t) = state.attempts.get(&job)
+                && t.info.fence == fence
+            {
+                tracing::info!(job = %job, fence = %fence, "Cancelling attempt.");
+                t.cancel.send_replace(true);
+            }
+            Ok(())
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, RunnerError>> {
+        Box::pin(async move {
+            let mut infos: Vec<RunnerInfo> = self
+                .inner
+                .state()
+                .attempts
+                .values()
+                .map(|t| t.info.clone())
+                .collect();
+            infos.sort_by_key(|i| i.job);
+            Ok(infos)
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let tasks = {
+                let mut state = self.inner.state();
+                state.closed = true;
+                state.attempts.clear();
+                std::mem::take(&mut state.tasks)
+            };
+            self.inner.stop.send_replace(true);
+            tracing::info!(
+                attempts = tasks.len(),
+                "Kubernetes runner backend shutting down; runner pods keep running for the next agent."
+            );
+            let background = std::mem::take(&mut *self.inner.background());
+            for task in tasks.into_iter().chain(background) {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "A kubernetes backend task failed.");
+                }
+            }
+        })
+    }
+
+    fn recover(
+        &self,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<Vec<Assignment>, RunnerError>> {
+        Box::pin(async move {
+            self.inner.wait_ready().await?;
+            let candidates: Vec<String> = {
+                let state = self.inner.state();
+                let tracked: std::collections::HashSet<&str> =
+                    state.attempts.values().map(|t| t.pod_name.as_str()).collect();
+                let mut names: Vec<String> = state
+                    .pods
+                    .keys()
+                    .filter(|n| !tracked.contains(n.as_str()))
+                    .cloned()
+                    .collect();
+                names.sort();
+                names
+            };
+            let mut recovered = Vec::new();
+            for name in candidates {
+                match self.inner.adoptable(&name).await {
+                    Ok(assignment) => {
+                        let mut state = self.inner.state();
+                        if state.closed {
+                            return Err(unavailable());
+                        }
+                        if state.attempts.contains_key(&assignment.job) {
+                            continue;
+                        }
+                        tracing::info!(pod = %name, job = %assignment.job, fence = %assignment.fence, "Took over a runner pod left by the previous agent.");
+                        self.inner.track(
+                            &mut state,
+                            assignment.clone(),
+                            events.clone(),
+                            Mode::Adopt,
+                        );
+                        recovered.push(assignment);
+                    }
+                    Err(why) => {
+                        tracing::warn!(pod = %name, why = %why, "Deleting a runner pod that cannot be taken over.");
+                        self.inner.reap(name);
+                    }
+                }
+            }
+            self.inner.state().recovered = true;
+            Ok(recovered)
+        })
+    }
+
+    fn api_budget(&self) -> Option<u32> {
+        Some(self.inner.meter.remaining(self.inner.cfg.pod_create_budget))
+    }
+}
+
+impl Inner {
+    /// The assignment a left-over pod runs, read back from its spec Secret and checked
+    /// against the pod's labels.
+    async fn adoptable(&self, name: &str) -> Result<Assignment, String> {
+        let labels = {
+            let state = self.state();
+            let pod = state.pods.get(name).ok_or("the pod is gone")?;
+            pod.metadata.labels.clone().unwrap_or_default()
+        };
+        let secret = match self.secrets.get(name).await {
+            Ok(s) => s,
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                return Err("its spec Secret is missing".into());
+            }
+            Err(e) => return Err(format!("cannot read its spec Secret: {e}")),
+        };
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(render::SPEC_KEY))
+            .ok_or("its spec Secret has no job spec")?;
+        let a: Assignment = serde_json::from_slice(&bytes.0)
+            .map_err(|e| format!("its job spec does not parse: {e}"))?;
+        let label = |key: &str| labels.get(key).map(String::as_str).unwrap_or("");
+        if render::pod_name(&a) != name
+            || label(render::LABEL_JOB) != a.job.to_string()
+            || label(render::LABEL_FENCE) != a.fence.to_string()
+        {
+            return Err("its job spec does not match its name and labels".into());
+        }
+        Ok(a)
+    }
+}

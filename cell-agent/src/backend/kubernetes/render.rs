@@ -1,0 +1,469 @@
+//! Rendering an attempt as Kubernetes objects: the runner [`Pod`] and the [`Secret`] holding
+//! its resolved job spec. Pure functions of the configuration and the assignment, so
+//! `flotilla cell-agent render-pod` prints exactly what the backend creates.
+//!
+//! The pod (ARCHITECTURE §8):
+//! - init container `install` (the Flotilla image) copies the `flotilla` binary into the
+//!   `flotilla-bin` emptyDir, the way Tekton injects its entrypoint;
+//! - init container `checkout` (the Flotilla image, which has git; only when the job has code)
+//!   fetches the commit into the `workspace` emptyDir;
+//! - container `job` (the job's image) runs `flotilla runner exec`, which runs the steps and
+//!   writes the output protocol of `crate::runner::record` to its log;
+//! - the spec comes from a Secret named after the pod and owned by it, so it is deleted with
+//!   the pod;
+//! - Pod Security "restricted" everywhere, gVisor by default, no service-account token, no
+//!   host namespaces or paths, Guaranteed QoS (requests = limits) so CI pods are evicted last.
+
+use std::collections::BTreeMap;
+
+use flotilla_core::ids::CellId;
+use flotilla_core::runner::Assignment;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, LocalObjectReference, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use super::config::KubeConfig;
+use crate::runner::record::PROTOCOL_VERSION;
+
+/// Label: which cell's agent owns the pod. The agent watches only its own.
+pub const LABEL_CELL: &str = "flotilla.dev/cell";
+/// Label: the job id.
+pub const LABEL_JOB: &str = "flotilla.dev/job";
+/// Label: the attempt number.
+pub const LABEL_ATTEMPT: &str = "flotilla.dev/attempt";
+/// Label: the placement's fence.
+pub const LABEL_FENCE: &str = "flotilla.dev/fence";
+/// Label: the project.
+pub const LABEL_PROJECT: &str = "flotilla.dev/project";
+/// Label: the runner pool.
+pub const LABEL_POOL: &str = "flotilla.dev/pool";
+/// Label every runner pod carries (the NetworkPolicy in deploy/ selects on it).
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation: the build id.
+pub const ANNOTATION_BUILD: &str = "flotilla.dev/build";
+/// Annotation: the job's name in its pipeline.
+pub const ANNOTATION_JOB_NAME: &str = "flotilla.dev/job-name";
+
+/// The job container's name.
+pub const JOB_CONTAINER: &str = "job";
+/// The init container that installs the wrapper.
+pub const INSTALL_CONTAINER: &str = "install";
+/// The init container that checks the code out.
+pub const CHECKOUT_CONTAINER: &str = "checkout";
+/// The key of the job spec in the Secret.
+pub const SPEC_KEY: &str = "job.json";
+
+const BIN_DIR: &str = "/flotilla/bin";
+const SPEC_DIR: &str = "/flotilla/spec";
+const WORKSPACE: &str = "/workspace";
+const TMP: &str = "/tmp";
+/// Where the Flotilla image keeps the binary.
+const IMAGE_BINARY: &str = "/usr/local/bin/flotilla";
+
+/// The pod (and Secret) name of an attempt: derived from job, attempt and fence, so creating
+/// it twice is a conflict, not a second pod.
+pub fn pod_name(a: &Assignment) -> String {
+    format!("flotilla-j{}-a{}-f{}", a.job, a.attempt, a.fence)
+}
+
+/// The selector for every pod of `cell`.
+pub fn cell_selector(cell: &CellId) -> String {
+    format!("{LABEL_MANAGED_BY}=flotilla,{LABEL_CELL}={cell}")
+}
+
+/// The labels of an attempt's pod and Secret.
+pub fn labels(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> BTreeMap<String, String> {
+    let mut labels = cfg.pod_labels.clone();
+    labels.extend([
+        (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "runner".to_owned()),
+        (LABEL_CELL.to_owned(), cell.to_string()),
+        (LABEL_JOB.to_owned(), a.job.to_string()),
+        (LABEL_ATTEMPT.to_owned(), a.attempt.to_string()),
+        (LABEL_FENCE.to_owned(), a.fence.to_string()),
+        (LABEL_PROJECT.to_owned(), label_value(a.project.as_str())),
+        (LABEL_POOL.to_owned(), label_value(&a.pool)),
+    ]);
+    labels
+}
+
+/// A label value: at most 63 characters of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+fn label_value(s: &str) -> String {
+    let kept: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    kept.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+/// The Secret holding the attempt's resolved job spec. `owner_uid` is the pod's uid once it
+/// exists: the Secret is then garbage-collected with the pod.
+pub fn spec_secret(
+    cfg: &KubeConfig,
+    cell: &CellId,
+    a: &Assignment,
+    owner_uid: Option<&str>,
+) -> Secret {
+    let spec = serde_json::to_vec(a).expect("assignments always serialize");
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(pod_name(a)),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels(cfg, cell, a)),
+            owner_references: owner_uid.map(|uid| {
+                vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: pod_name(a),
+                    uid: uid.to_owned(),
+                    block_owner_deletion: Some(false),
+                    controller: Some(true),
+                }]
+            }),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(SPEC_KEY.to_owned(), ByteString(spec))])),
+        ..Secret::default()
+    }
+}
+
+/// The runner pod of an attempt.
+pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
+    let name = pod_name(a);
+    let resources = job_resources(a);
+    let spec_arg = format!("{SPEC_DIR}/{SPEC_KEY}");
+    let mut init = vec![Container {
+        name: INSTALL_CONTAINER.into(),
+        image: Some(cfg.runner_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&[
+            IMAGE_BINARY,
+            "runner",
+            "install",
+            &format!("{BIN_DIR}/flotilla"),
+        ])),
+        volume_mounts: Some(vec![mount("flotilla-bin", BIN_DIR, false)]),
+        resources: Some(resources.clone()),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }];
+    if a.checkout.is_some() {
+        init.push(Container {
+            name: CHECKOUT_CONTAINER.into(),
+            image: Some(cfg.runner_image.clone()),
+            image_pull_policy: Some("IfNotPresent".into()),
+            command: Some(strings(&[
+                IMAGE_BINARY,
+                "runner",
+                "checkout",
+                "--spec",
+                &spec_arg,
+                "--workspace",
+                WORKSPACE,
+                "--timeout",
+                &format!("{}s", cfg.checkout_timeout.as_secs().max(1)),
+            ])),
+            env: Some(vec![env("HOME", TMP)]),
+            volume_mounts: Some(vec![
+                mount("spec", SPEC_DIR, true),
+                mount("workspace", WORKSPACE, false),
+                mount("tmp", TMP, false),
+            ]),
+            resources: Some(resources.clone()),
+            security_context: Some(container_security()),
+            ..Container::default()
+        });
+    }
+    let job = Container {
+        name: JOB_CONTAINER.into(),
+        image: Some(a.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&[
+            &format!("{BIN_DIR}/flotilla"),
+            "runner",
+            "exec",
+            "--spec",
+            &spec_arg,
+            "--workspace",
+            WORKSPACE,
+            "--protocol",
+            &PROTOCOL_VERSION.to_string(),
+        ])),
+        working_dir: Some(WORKSPACE.into()),
+        env: Some(vec![env("HOME", TMP)]),
+        volume_mounts: Some(vec![
+            mount("flotilla-bin", BIN_DIR, true),
+            mount("spec", SPEC_DIR, true),
+            mount("workspace", WORKSPACE, false),
+            mount("tmp", TMP, false),
+        ]),
+        resources: Some(resources),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("File".into()),
+        ..Container::default()
+    };
+    let user = cfg.run_as_user;
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels(cfg, cell, a)),
+            annotations: Some(BTreeMap::from([
+                (ANNOTATION_BUILD.to_owned(), a.build.to_string()),
+                (ANNOTATION_JOB_NAME.to_owned(), a.name.clone()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            runtime_class_name: cfg.runtime_class.clone(),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            // The pause container becomes PID 1 and reaps orphaned step processes; the
+            // wrapper receives the SIGTERM of a delete like any container's main process.
+            share_process_namespace: Some(true),
+            host_network: Some(false),
+            host_pid: Some(false),
+            host_ipc: Some(false),
+            // Kubernetes' own backstop; the wrapper enforces the job's timeout from its
+            // first step (queue time is not run time).
+            active_deadline_seconds: Some(
+                i64::try_from(
+                    a.timeout_secs
+                        .saturating_add(cfg.startup_allowance.as_secs())
+                        .max(1),
+                )
+                .unwrap_or(i64::MAX),
+            ),
+            termination_grace_period_seconds: Some(
+                i64::try_from(cfg.cancel_grace.as_secs()).unwrap_or(i64::MAX),
+            ),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(user),
+                run_as_group: Some(user),
+                fs_group: Some(user),
+                seccomp_profile: Some(runtime_default()),
+                ..PodSecurityContext::default()
+            }),
+            image_pull_secrets: (!cfg.image_pull_secrets.is_empty()).then(|| {
+                cfg.image_pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
+            node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
+            tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
+            init_containers: Some(init),
+            containers: vec![job],
+            volumes: Some(vec![
+                empty_dir("flotilla-bin", None),
+                empty_dir("workspace", cfg.workspace_size_limit.clone()),
+                empty_dir("tmp", None),
+                Volume {
+                    name: "spec".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(name),
+                        items: Some(vec![KeyToPath {
+                            key: SPEC_KEY.into(),
+                            path: SPEC_KEY.into(),
+                            mode: None,
+                        }]),
+                        default_mode: Some(0o440),
+                        optional: Some(false),
+                    }),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Requests equal to limits: Guaranteed QoS, so a CI pod is the last to be evicted under
+/// node pressure, and CPU-hungry builds do not starve their neighbours.
+fn job_resources(a: &Assignment) -> ResourceRequirements {
+    let amounts = BTreeMap::from([
+        (
+            "cpu".to_owned(),
+            Quantity(format!("{}m", a.resources.cpu_millis.max(1))),
+        ),
+        (
+            "memory".to_owned(),
+            Quantity(a.resources.memory_bytes.max(1).to_string()),
+        ),
+    ]);
+    ResourceRequirements {
+        requests: Some(amounts.clone()),
+        limits: Some(amounts),
+        claims: None,
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    }
+}
+
+/// Pod Security "restricted", stated on every container so it holds whatever the pod-level
+/// context says.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(runtime_default()),
+        ..SecurityContext::default()
+    }
+}
+
+fn strings(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn empty_dir(name: &str, size_limit: Option<String>) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: None,
+            size_limit: size_limit.map(Quantity),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Where a pod breaks the Pod Security "restricted" profile (Kubernetes 1.34), one sentence
+/// per problem; empty when it complies. Used by the tests over every rendered pod and by
+/// `render-pod` as a last check before printing.
+pub fn restricted_violations(pod: &Pod) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(spec) = &pod.spec else {
+        return vec!["the pod has no spec".into()];
+    };
+    for (what, on) in [
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ] {
+        if on == Some(true) {
+            problems.push(format!("{what} is true"));
+        }
+    }
+    if spec.automount_service_account_token != Some(false) {
+        problems.push("automountServiceAccountToken is not false".into());
+    }
+    for v in spec.volumes.iter().flatten() {
+        let allowed = v.empty_dir.is_some()
+            || v.secret.is_some()
+            || v.config_map.is_some()
+            || v.projected.is_some()
+            || v.downward_api.is_some()
+            || v.persistent_volume_claim.is_some()
+            || v.ephemeral.is_some()
+            || v.csi.is_some();
+        if !allowed {
+            problems.push(format!("volume `{}` is of a type restricted forbids", v.name));
+        }
+    }
+    let pod_ctx = spec.security_context.as_ref();
+    let pod_non_root = pod_ctx.and_then(|c| c.run_as_non_root);
+    let pod_seccomp = pod_ctx
+        .and_then(|c| c.seccomp_profile.as_ref())
+        .map(|p| p.type_.as_str());
+    if pod_ctx.and_then(|c| c.run_as_user) == Some(0) {
+        problems.push("the pod runs as user 0".into());
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter());
+    for c in containers {
+        let ctx = c.security_context.as_ref();
+        let name = &c.name;
+        if ctx.and_then(|x| x.privileged) == Some(true) {
+            problems.push(format!("container `{name}` is privileged"));
+        }
+        if ctx.and_then(|x| x.allow_privilege_escalation) != Some(false) {
+            problems.push(format!(
+                "container `{name}` does not set allowPrivilegeEscalation: false"
+            ));
+        }
+        let drops_all = ctx
+            .and_then(|x| x.capabilities.as_ref())
+            .and_then(|caps| caps.drop.as_ref())
+            .is_some_and(|d| d.iter().any(|c| c == "ALL"));
+        if !drops_all {
+            problems.push(format!("container `{name}` does not drop ALL capabilities"));
+        }
+        let adds = ctx
+            .and_then(|x| x.capabilities.as_ref())
+            .and_then(|caps| caps.add.as_ref())
+            .map(|a| a.iter().filter(|c| *c != "NET_BIND_SERVICE").count())
+            .unwrap_or(0);
+        if adds > 0 {
+            problems.push(format!(
+                "container `{name}` adds capabilities other than NET_BIND_SERVICE"
+            ));
+        }
+        let non_root = ctx.and_then(|x| x.run_as_non_root).or(pod_non_root);
+        if non_root != Some(true) {
+            problems.push(format!("container `{name}` may run as root"));
+        }
+        if ctx.and_then(|x| x.run_as_user) == Some(0) {
+            problems.push(format!("container `{name}` runs as user 0"));
+        }
+        let seccomp = ctx
+            .and_then(|x| x.seccomp_profile.as_ref())
+            .map(|p| p.type_.as_str())
+            .or(pod_seccomp);
+        if !matches!(seccomp, Some("RuntimeDefault" | "Localhost")) {
+            problems.push(format!(
+                "container `{name}` has no RuntimeDefault or Localhost seccomp profile"
+            ));
+        }
+        if c.ports.iter().flatten().any(|p| p.host_port.is_some()) {
+            problems.push(format!("container `{name}` uses a host port"));
+        }
+    }
+    problems
+}

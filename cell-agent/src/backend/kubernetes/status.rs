@@ -1,0 +1,287 @@
+//! Reading a runner pod's status: what the attempt is doing and, once it ended, how — the
+//! failure taxonomy of ARCHITECTURE §6 as Kubernetes expresses it. Pure: a pod in, an
+//! [`Observation`] out; the attempt task adds time (image-pull deadlines) and intent (our own
+//! cancel).
+
+use flotilla_core::job::{FailureClass, InfraReason, Outcome};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+
+use super::render::{CHECKOUT_CONTAINER, JOB_CONTAINER};
+use crate::runner::record::Termination;
+
+/// What a pod says about its attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// Scheduling, pulling, initialising: nothing to report yet.
+    Waiting,
+    /// A container's image cannot be pulled (yet): Kubernetes keeps retrying, the attempt
+    /// fails as `Infra{ImagePull}` once this has lasted past the configured deadline.
+    PullFailing {
+        /// Kubernetes' explanation (`Back-off pulling image "…"`).
+        message: String,
+    },
+    /// A container cannot be created (a missing Secret key, a bad mount); retried by the
+    /// kubelet, failed as `Infra{RunnerCrash}` past the same deadline.
+    Stuck {
+        /// The reason and message.
+        message: String,
+    },
+    /// No node can take the pod (yet); failed as `Infra{RunnerCrash}` past the configured
+    /// unschedulable deadline, so the job is placed again.
+    Unschedulable {
+        /// The scheduler's explanation.
+        message: String,
+    },
+    /// The job container is running (the wrapper is running the steps).
+    Running {
+        /// When it started (ms since the Unix epoch), if Kubernetes said.
+        started_at_ms: Option<u64>,
+    },
+    /// The attempt is over.
+    Ended(Ending),
+}
+
+/// How an attempt ended, and why in words when it did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// The outcome to report.
+    pub outcome: Outcome,
+    /// A sentence for the job's log.
+    pub message: Option<String>,
+}
+
+impl Ending {
+    fn new(outcome: Outcome, message: impl Into<Option<String>>) -> Self {
+        Self {
+            outcome,
+            message: message.into(),
+        }
+    }
+}
+
+const EVICTED: Outcome = Outcome::Failed(FailureClass::Infra {
+    reason: InfraReason::Evicted,
+});
+const CRASH: Outcome = Outcome::Failed(FailureClass::Infra {
+    reason: InfraReason::RunnerCrash,
+});
+
+/// Pod-level reasons that mean the node or the cluster took the pod away.
+const EVICTION_REASONS: &[&str] = &[
+    "Evicted",
+    "NodeLost",
+    "NodeShutdown",
+    "Shutdown",
+    "Terminated",
+    "Preempting",
+    "OutOfcpu",
+    "OutOfmemory",
+    "UnexpectedAdmissionError",
+];
+
+/// Waiting reasons that mean the image will not come (retrying cannot help).
+const BAD_IMAGE_REASONS: &[&str] = &["InvalidImageName", "ErrImageNeverPull"];
+/// Waiting reasons that mean an image pull is failing (Kubernetes retries with back-off).
+const PULL_REASONS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "RegistryUnavailable"];
+/// Waiting reasons that mean a container cannot be created.
+const STUCK_REASONS: &[&str] = &[
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Reads the pod. `deleting_by_us` is true once the agent asked for the pod to be deleted
+/// (a cancel); a deletion nobody here asked for is an eviction (a node drain, preemption,
+/// someone's `kubectl delete`).
+pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let reason = status.and_then(|s| s.reason.as_deref()).unwrap_or("");
+    let status_message = status.and_then(|s| s.message.clone()).unwrap_or_default();
+
+    let job = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == JOB_CONTAINER));
+    // A finished job container decides, whatever happens to the pod afterwards.
+    if let Some(ending) = job.and_then(job_ended) {
+        return Observation::Ended(ending);
+    }
+    if pod.metadata.deletion_timestamp.is_some() && !deleting_by_us {
+        return Observation::Ended(Ending::new(
+            EVICTED,
+            "the runner pod was deleted by someone other than this agent (node drain, \
+             preemption or a manual delete)"
+                .to_owned(),
+        ));
+    }
+    if phase == "Failed" || phase == "Succeeded" {
+        if reason == "DeadlineExceeded" {
+            return Observation::Ended(Ending::new(
+                Outcome::Failed(FailureClass::Timeout),
+                "Kubernetes stopped the pod at its active deadline (the job's timeout plus \
+                 the startup allowance)"
+                    .to_owned(),
+            ));
+        }
+        if EVICTION_REASONS.contains(&reason) || disrupted(pod) {
+            return Observation::Ended(Ending::new(
+                EVICTED,
+                format!("the runner pod was evicted ({reason}): {status_message}"),
+            ));
+        }
+        if let Some(ending) = init_failed(pod) {
+            return Observation::Ended(ending);
+        }
+        if phase == "Succeeded" {
+            return Observation::Ended(Ending::new(Outcome::Succeeded, None));
+        }
+        return Observation::Ended(Ending::new(
+            CRASH,
+            format!("the runner pod failed without a job result ({reason}): {status_message}"),
+        ));
+    }
+    if let Some(ending) = init_failed(pod) {
+        return Observation::Ended(ending);
+    }
+    // Anything waiting, init containers first (they run first).
+    let all = status
+        .into_iter()
+        .flat_map(|s| {
+            s.init_container_statuses
+                .iter()
+                .flatten()
+                .chain(s.container_statuses.iter().flatten())
+        })
+        .collect::<Vec<_>>();
+    for c in &all {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let why = waiting.reason.as_deref().unwrap_or("");
+        let message = waiting.message.clone().unwrap_or_default();
+        if BAD_IMAGE_REASONS.contains(&why) {
+            return Observation::Ended(Ending::new(
+                Outcome::Failed(FailureClass::Config),
+                format!("the image of container `{}` cannot be used ({why}): {message}", c.name),
+            ));
+        }
+        if PULL_REASONS.contains(&why) {
+            return Observation::PullFailing {
+                message: format!("container `{}`: {why}: {message}", c.name),
+            };
+        }
+        if STUCK_REASONS.contains(&why) {
+            return Observation::Stuck {
+                message: format!("container `{}`: {why}: {message}", c.name),
+            };
+        }
+    }
+    let unschedulable = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter().find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+        });
+    if let Some(c) = unschedulable {
+        return Observation::Unschedulable {
+            message: c.message.clone().unwrap_or_default(),
+        };
+    }
+    if let Some(running) = job.and_then(|c| c.state.as_ref()).and_then(|s| s.running.as_ref()) {
+        return Observation::Running {
+            started_at_ms: running
+                .started_at
+                .as_ref()
+                .and_then(|t| u64::try_from(t.0.timestamp_millis()).ok()),
+        };
+    }
+    Observation::Waiting
+}
+
+/// The ending of a terminated job container. The wrapper's termination message is
+/// authoritative; without one (the wrapper was killed, or never started) the exit code and
+/// Kubernetes' reason decide.
+fn job_ended(c: &ContainerStatus) -> Option<Ending> {
+    let t = c.state.as_ref()?.terminated.as_ref()?;
+    let reason = t.reason.as_deref().unwrap_or("");
+    if reason == "OOMKilled" {
+        return Some(Ending::new(
+            Outcome::Failed(FailureClass::Test {
+                exit_code: if t.exit_code == 0 { 137 } else { t.exit_code },
+            }),
+            "the job ran out of memory (OOMKilled): raise its resources.memory".to_owned(),
+        ));
+    }
+    if let Some(term) = t.message.as_deref().and_then(Termination::parse) {
+        return Some(Ending::new(term.outcome, term.message));
+    }
+    match (t.exit_code, reason) {
+        (0, _) => Some(Ending::new(Outcome::Succeeded, None)),
+        (code, "Error" | "") => Some(Ending::new(
+            Outcome::Failed(FailureClass::Test { exit_code: code }),
+            None,
+        )),
+        // ContainerCannotRun, StartError: the wrapper never ran (an image without a usable
+        // filesystem for it, a binary it cannot execute).
+        (code, other) => Some(Ending::new(
+            CRASH,
+            format!(
+                "the job container could not run the Flotilla wrapper ({other}, exit code \
+                 {code}): {}",
+                t.message.as_deref().unwrap_or("no message")
+            ),
+        )),
+    }
+}
+
+/// The ending of a pod whose init container failed: the checkout says why in its
+/// termination message (`Config` for a commit that cannot be fetched by design, otherwise
+/// `Infra{RunnerCrash}`); an install failure is the platform's.
+fn init_failed(pod: &Pod) -> Option<Ending> {
+    let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let t = c.state.as_ref()?.terminated.as_ref()?;
+        if t.exit_code == 0 {
+            return None;
+        }
+        let term = t.message.as_deref().and_then(Termination::parse);
+        let outcome = match &term {
+            Some(term) if c.name == CHECKOUT_CONTAINER => term.outcome,
+            _ => CRASH,
+        };
+        let why = term
+            .and_then(|t| t.message)
+            .or_else(|| t.reason.clone())
+            .unwrap_or_default();
+        Some(Ending::new(
+            outcome,
+            format!(
+                "init container `{}` failed with exit code {}: {why}",
+                c.name, t.exit_code
+            ),
+        ))
+    })
+}
+
+/// The `DisruptionTarget` condition: Kubernetes is about to take the pod away (preemption,
+/// taint-based eviction of a lost node, the eviction API, kubelet shutdown).
+fn disrupted(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+        })
+}
+
+/// True once Kubernetes considers the pod finished (nothing of it runs any more).
+pub fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
