@@ -24,6 +24,9 @@ const LOG_DRAIN: Duration = Duration::from_secs(10);
 const CANCEL_SLACK: Duration = Duration::from_secs(15);
 /// Pause before following the log again when the stream broke or could not open.
 const LOG_RETRY: Duration = Duration::from_secs(1);
+/// After a followed log ended while the pod still looks alive, how long to wait for the pod
+/// update saying it exited before following again.
+const LOG_REFOLLOW: Duration = Duration::from_secs(3);
 
 const CRASH: Outcome = Outcome::Failed(FailureClass::Infra {
     reason: InfraReason::RunnerCrash,
@@ -142,8 +145,12 @@ impl Task {
                             p.log_retry_at = Some(Instant::now() + LOG_RETRY);
                         }
                         None => {
+                            // The API server ends a followed log when the container exits
+                            // (the pod update follows), or when it drops a long stream: only
+                            // the second needs following again, once the pod still runs.
                             p.log = None;
-                            p.log_retry_at = Some(Instant::now() + LOG_RETRY);
+                            p.log_done = true;
+                            p.log_retry_at = Some(Instant::now() + LOG_REFOLLOW);
                         }
                     }
                 }
@@ -242,8 +249,8 @@ impl Task {
     async fn evaluate(&self, name: &str, view: PodView, p: &mut Progress) -> Option<Ending> {
         let pod = match view {
             PodView::Unseen => return None,
-            PodView::Gone => {
-                if !p.seen {
+            PodView::Gone { certain } => {
+                if !p.seen && !certain {
                     // Listed before the create landed; the watch delivers it next.
                     return None;
                 }
@@ -267,6 +274,7 @@ impl Task {
             PodView::Present(pod) => pod,
         };
         p.seen = true;
+        let mut running = false;
         match observe(&pod, p.deleting) {
             Observation::Ended(ending) => return Some(ending),
             Observation::Waiting => p.trouble = None,
@@ -277,15 +285,20 @@ impl Task {
             }
             Observation::Running { started_at_ms } => {
                 p.trouble = None;
+                running = true;
                 if !p.started {
                     self.mark_started(p, started_at_ms.unwrap_or_else(now_ms));
                 }
             }
         }
-        if p.started && p.log.is_none() && !p.log_done
-            && p.log_retry_at.is_none_or(|at| Instant::now() >= at)
-        {
+        if p.log_retry_at.is_some_and(|at| Instant::now() >= at) {
             p.log_retry_at = None;
+            if p.log_done && running {
+                // The stream ended but the container still runs: follow it again.
+                p.log_done = false;
+            }
+        }
+        if running && p.log.is_none() && !p.log_done && p.log_retry_at.is_none() {
             p.log = self.follow(name, true, p.last_ts).await;
             if p.log.is_none() {
                 p.log_retry_at = Some(Instant::now() + LOG_RETRY);

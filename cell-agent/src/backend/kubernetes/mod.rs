@@ -77,8 +77,12 @@ enum PodView {
     Unseen,
     /// Its latest state.
     Present(Box<Pod>),
-    /// Deleted.
-    Gone,
+    /// Deleted: `certain` when the watch said so, not when a relist merely missed it
+    /// (a pod created after the list was taken is missing from it too).
+    Gone {
+        /// Whether the pod is known to have existed and been deleted.
+        certain: bool,
+    },
 }
 
 #[derive(Default)]
@@ -279,7 +283,7 @@ impl Inner {
         state.pods.remove(name);
         state.reaping.remove(name);
         if let Some(t) = state.attempts.values().find(|t| t.pod_name == name) {
-            t.view.send_replace(PodView::Gone);
+            t.view.send_replace(PodView::Gone { certain: true });
         }
     }
 
@@ -290,7 +294,7 @@ impl Inner {
         for t in state.attempts.values() {
             let view = match pods.get(&t.pod_name) {
                 Some(p) => PodView::Present(Box::new(p.clone())),
-                None => PodView::Gone,
+                None => PodView::Gone { certain: false },
             };
             t.view.send_replace(view);
         }
