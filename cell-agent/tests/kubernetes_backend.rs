@@ -23,8 +23,8 @@ use k8s_openapi::api::core::v1::{
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type TestBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -133,8 +133,7 @@ impl ApiServer {
 
     /// Nothing more is asked of the cluster for a while.
     async fn expect_silence(&mut self, within: Duration) {
-        if let Ok(Some((req, _))) = tokio::time::timeout(within, self.handle.next_request()).await
-        {
+        if let Ok(Some((req, _))) = tokio::time::timeout(within, self.handle.next_request()).await {
             panic!("unexpected request: {} {}", req.method(), req.uri());
         }
     }
@@ -143,7 +142,8 @@ impl ApiServer {
     async fn list_and_watch(&mut self, pods: &[Pod]) -> Watch {
         let list = self.expect(Method::GET, &pods_path()).await;
         assert!(
-            list.query.contains("labelSelector=") && list.query.contains("flotilla.dev%2Fcell%3Dcell-a"),
+            list.query.contains("labelSelector=")
+                && list.query.contains("flotilla.dev%2Fcell%3Dcell-a"),
             "the watcher must select the cell's pods by label: {}",
             list.query
         );
@@ -172,7 +172,10 @@ impl Watch {
         let line = serde_json::to_vec(&json!({"type": kind, "object": pod})).expect("json");
         let mut line = line;
         line.push(b'\n');
-        self.tx.send(Bytes::from(line)).await.expect("the watch is open");
+        self.tx
+            .send(Bytes::from(line))
+            .await
+            .expect("the watch is open");
     }
 }
 
@@ -232,8 +235,7 @@ fn running() -> PodStatus {
         container_statuses: Some(vec![job_status(ContainerState {
             running: Some(ContainerStateRunning {
                 started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_000, 0)
-                        .expect("time"),
+                    k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
                 )),
             }),
             ..ContainerState::default()
@@ -244,7 +246,14 @@ fn running() -> PodStatus {
 
 fn terminated(exit_code: i32, reason: &str, outcome: Option<Outcome>) -> PodStatus {
     PodStatus {
-        phase: Some(if exit_code == 0 { "Succeeded" } else { "Failed" }.into()),
+        phase: Some(
+            if exit_code == 0 {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+            .into(),
+        ),
         container_statuses: Some(vec![job_status(ContainerState {
             terminated: Some(ContainerStateTerminated {
                 exit_code,
@@ -319,7 +328,10 @@ async fn expect_create(server: &mut ApiServer, a: &Assignment) {
 /// Answers the log request with `records` and ends the stream.
 async fn serve_log(server: &mut ApiServer, a: &Assignment, follow: bool, records: &[Record]) {
     let log = server
-        .expect(Method::GET, &format!("{}/log", pod_path(&render::pod_name(a))))
+        .expect(
+            Method::GET,
+            &format!("{}/log", pod_path(&render::pod_name(a))),
+        )
         .await;
     assert!(log.query.contains("container=job"), "{}", log.query);
     assert_eq!(log.query.contains("follow=true"), follow, "{}", log.query);
@@ -338,7 +350,10 @@ async fn expect_reaped(server: &mut ApiServer, a: &Assignment) {
         "a finished pod is reaped at once"
     );
     let pod = live_pod(a, terminated(0, "Completed", None));
-    delete.respond(once(StatusCode::OK, serde_json::to_value(pod).expect("json")));
+    delete.respond(once(
+        StatusCode::OK,
+        serde_json::to_value(pod).expect("json"),
+    ));
 }
 
 #[tokio::test]
@@ -378,9 +393,7 @@ async fn a_pod_that_runs_and_succeeds_reports_started_its_output_and_success_the
         ],
     )
     .await;
-    events
-        .wait_for_line(a.job, a.fence, "warning", WAIT)
-        .await;
+    events.wait_for_line(a.job, a.fence, "warning", WAIT).await;
     assert_eq!(backend.list().await.expect("list").len(), 1);
     watch
         .push(
@@ -416,7 +429,10 @@ async fn a_non_zero_exit_is_a_test_failure_with_the_step_exit_code() {
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(2);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, running())).await;
     serve_log(&mut server, &a, true, &[]).await;
@@ -425,7 +441,10 @@ async fn a_non_zero_exit_is_a_test_failure_with_the_step_exit_code() {
         .push("MODIFIED", live_pod(&a, terminated(3, "Error", None)))
         .await;
     let (_, outcome) = events.wait_finished(a.job, a.fence, WAIT).await;
-    assert_eq!(outcome, Outcome::Failed(FailureClass::Test { exit_code: 3 }));
+    assert_eq!(
+        outcome,
+        Outcome::Failed(FailureClass::Test { exit_code: 3 })
+    );
     expect_reaped(&mut server, &a).await;
 }
 
@@ -435,7 +454,10 @@ async fn an_image_that_cannot_be_pulled_past_the_deadline_fails_as_image_pull() 
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(3);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     let backoff = PodStatus {
         phase: Some("Pending".into()),
@@ -474,7 +496,10 @@ async fn an_evicted_pod_fails_as_evicted() {
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(4);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, running())).await;
     serve_log(&mut server, &a, true, &[]).await;
@@ -501,7 +526,10 @@ async fn a_pod_deleted_by_someone_else_fails_as_evicted() {
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(5);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, pending())).await;
     watch.push("DELETED", live_pod(&a, pending())).await;
@@ -522,20 +550,27 @@ async fn cancel_deletes_the_pod_with_its_grace_period_and_reports_cancelled() {
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(6);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, running())).await;
     serve_log(&mut server, &a, true, &[]).await;
-    backend.cancel(a.job, Fence(6)).await.expect("another fence is ignored");
+    backend
+        .cancel(a.job, Fence(6))
+        .await
+        .expect("another fence is ignored");
     backend.cancel(a.job, a.fence).await.expect("cancel");
     let delete = server
         .expect(Method::DELETE, &pod_path(&render::pod_name(&a)))
         .await;
     assert_eq!(delete.json()["gracePeriodSeconds"], json!(7));
     let mut deleting = live_pod(&a, running());
-    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_100, 0).expect("time"),
-    ));
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_100, 0).expect("time"),
+        ));
     delete.respond(once(
         StatusCode::OK,
         serde_json::to_value(&deleting).expect("json"),
@@ -569,9 +604,16 @@ async fn an_agent_restart_adopts_the_existing_pod_instead_of_creating_a_second()
         )
         .await;
     let secret = render::spec_secret(&config(), &cell(), &a, Some("uid-8"));
-    get.respond(once(StatusCode::OK, serde_json::to_value(secret).expect("json")));
+    get.respond(once(
+        StatusCode::OK,
+        serde_json::to_value(secret).expect("json"),
+    ));
     let recovered = recovering.await.expect("task").expect("recover");
-    assert_eq!(recovered, vec![a.clone()], "the agent learns what it still runs");
+    assert_eq!(
+        recovered,
+        vec![a.clone()],
+        "the agent learns what it still runs"
+    );
     // The federator sends the assignment again: it is already running, no second pod.
     let again = backend.start(a.clone(), events.clone()).await;
     assert!(
@@ -611,7 +653,10 @@ async fn a_create_that_conflicts_takes_over_the_pod_that_exists() {
     let (backend, mut server) = setup();
     let mut watch = server.list_and_watch(std::slice::from_ref(&existing)).await;
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     server
         .expect(Method::POST, &pods_path())
         .await
@@ -676,7 +721,10 @@ async fn shutdown_leaves_pods_running_for_the_next_agent_and_refuses_new_work() 
     let mut watch = server.list_and_watch(&[]).await;
     let a = job_assignment(11);
     let events = Collector::new();
-    backend.start(a.clone(), events.clone()).await.expect("accepted");
+    backend
+        .start(a.clone(), events.clone())
+        .await
+        .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, pending())).await;
     tokio::time::timeout(WAIT, backend.shutdown())
@@ -689,6 +737,9 @@ async fn shutdown_leaves_pods_running_for_the_next_agent_and_refuses_new_work() 
         "the pod runs on; the next agent reports it"
     );
     let refused = backend.start(job_assignment(12), events.clone()).await;
-    assert!(matches!(refused, Err(RunnerError::Unavailable(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(RunnerError::Unavailable(_))),
+        "{refused:?}"
+    );
     assert!(backend.list().await.expect("list").is_empty());
 }

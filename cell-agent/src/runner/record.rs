@@ -38,9 +38,10 @@ pub const EXIT_CANCELLED: u8 = 130;
 pub fn exit_code_for(outcome: Outcome) -> u8 {
     match outcome {
         Outcome::Succeeded => 0,
-        Outcome::Failed(FailureClass::Test { exit_code }) => {
-            u8::try_from(exit_code).ok().filter(|c| *c != 0).unwrap_or(1)
-        }
+        Outcome::Failed(FailureClass::Test { exit_code }) => u8::try_from(exit_code)
+            .ok()
+            .filter(|c| *c != 0)
+            .unwrap_or(1),
         Outcome::Failed(FailureClass::Timeout) => EXIT_TIMED_OUT,
         Outcome::Failed(FailureClass::Cancelled) => EXIT_CANCELLED,
         Outcome::Failed(FailureClass::Config | FailureClass::Infra { .. }) => EXIT_NOT_RUN,

@@ -120,7 +120,10 @@ impl Task {
             if let Some(ending) = self.evaluate(&name, current, &mut p).await {
                 break ending;
             }
-            let trouble_at = p.trouble.as_ref().map(|(since, kind, _)| *since + self.deadline(*kind));
+            let trouble_at = p
+                .trouble
+                .as_ref()
+                .map(|(since, kind, _)| *since + self.deadline(*kind));
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
@@ -320,9 +323,7 @@ impl Task {
         let params = LogParams {
             container: Some(render::JOB_CONTAINER.into()),
             follow,
-            since_time: (since_ms > 0)
-                .then(|| chrono_from_ms(since_ms))
-                .flatten(),
+            since_time: (since_ms > 0).then(|| chrono_from_ms(since_ms)).flatten(),
             ..LogParams::default()
         };
         match self.inner.pods.log_stream(name, &params).await {
@@ -444,15 +445,21 @@ fn trouble_ending(kind: Trouble, message: String, after: Duration) -> Ending {
             outcome: Outcome::Failed(FailureClass::Infra {
                 reason: InfraReason::ImagePull,
             }),
-            message: Some(format!("the image could not be pulled for {after}: {message}")),
+            message: Some(format!(
+                "the image could not be pulled for {after}: {message}"
+            )),
         },
         Trouble::Stuck => Ending {
             outcome: CRASH,
-            message: Some(format!("the runner could not be created for {after}: {message}")),
+            message: Some(format!(
+                "the runner could not be created for {after}: {message}"
+            )),
         },
         Trouble::Unschedulable => Ending {
             outcome: CRASH,
-            message: Some(format!("no node could take the runner for {after}: {message}")),
+            message: Some(format!(
+                "no node could take the runner for {after}: {message}"
+            )),
         },
     }
 }

@@ -39,7 +39,10 @@ pub struct KubeConfig {
     pub image_pull_deadline: Duration,
     /// How long a runner pod may stay unschedulable (no node has room or matches) before the
     /// attempt fails as `Infra{RunnerCrash}` and is placed again, perhaps in another cell.
-    #[serde(default = "default_unschedulable_deadline", deserialize_with = "duration")]
+    #[serde(
+        default = "default_unschedulable_deadline",
+        deserialize_with = "duration"
+    )]
     pub unschedulable_deadline: Duration,
     /// How long a cancelled pod gets between SIGTERM and SIGKILL.
     #[serde(default = "default_cancel_grace", deserialize_with = "duration")]
@@ -118,8 +121,7 @@ impl KubeConfig {
                 format!("`{}` is not a namespace name (a DNS label)", self.namespace),
             );
         }
-        if self.runner_image.trim().is_empty() || self.runner_image.contains(char::is_whitespace)
-        {
+        if self.runner_image.trim().is_empty() || self.runner_image.contains(char::is_whitespace) {
             return bad(
                 "runner_image",
                 format!("`{}` is not an image reference", self.runner_image),

@@ -33,8 +33,8 @@ use flotilla_core::{Fence, JobId};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, PropagationPolicy};
-use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -110,8 +110,9 @@ impl KubeBackend {
     /// configuration, starts watching the cell's pods, and warns loudly when pods will run
     /// without a sandboxing runtime class. Must be called inside a tokio runtime.
     pub fn new(client: kube::Client, cfg: KubeConfig, cell: CellId) -> Result<Self, RunnerError> {
-        cfg.validate()
-            .map_err(|e| RunnerError::Internal(format!("invalid kubernetes backend config: {e}")))?;
+        cfg.validate().map_err(|e| {
+            RunnerError::Internal(format!("invalid kubernetes backend config: {e}"))
+        })?;
         if cfg.runtime_class.is_none() {
             tracing::warn!(
                 "backend.kubernetes.runtime_class is null: runner pods share the node's kernel \
@@ -199,7 +200,11 @@ impl Inner {
     /// Called by an attempt's task just before it reports `Finished`.
     fn forget(&self, job: &JobId, fence: Fence) {
         let mut state = self.state();
-        if state.attempts.get(job).is_some_and(|t| t.info.fence == fence) {
+        if state
+            .attempts
+            .get(job)
+            .is_some_and(|t| t.info.fence == fence)
+        {
             state.attempts.remove(job);
         }
     }
@@ -467,8 +472,11 @@ impl RunnerBackend for KubeBackend {
             self.inner.wait_ready().await?;
             let candidates: Vec<String> = {
                 let state = self.inner.state();
-                let tracked: std::collections::HashSet<&str> =
-                    state.attempts.values().map(|t| t.pod_name.as_str()).collect();
+                let tracked: std::collections::HashSet<&str> = state
+                    .attempts
+                    .values()
+                    .map(|t| t.pod_name.as_str())
+                    .collect();
                 let mut names: Vec<String> = state
                     .pods
                     .keys()

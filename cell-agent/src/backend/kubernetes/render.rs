@@ -21,8 +21,8 @@ use flotilla_core::runner::Assignment;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, LocalObjectReference, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -81,7 +81,10 @@ pub fn labels(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> BTreeMap<Strin
     let mut labels = cfg.pod_labels.clone();
     labels.extend([
         (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "runner".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "runner".to_owned(),
+        ),
         (LABEL_CELL.to_owned(), cell.to_string()),
         (LABEL_JOB.to_owned(), a.job.to_string()),
         (LABEL_ATTEMPT.to_owned(), a.attempt.to_string()),
@@ -306,7 +309,7 @@ fn job_resources(a: &Assignment) -> ResourceRequirements {
         ),
         (
             "memory".to_owned(),
-            Quantity(a.resources.memory_bytes.max(1).to_string()),
+            Quantity(memory_quantity(a.resources.memory_bytes.max(1))),
         ),
     ]);
     ResourceRequirements {
@@ -314,6 +317,17 @@ fn job_resources(a: &Assignment) -> ResourceRequirements {
         limits: Some(amounts),
         claims: None,
     }
+}
+
+/// Bytes in the largest binary unit that divides them exactly (`4Gi`, `512Mi`), as people
+/// write them in manifests.
+fn memory_quantity(bytes: u64) -> String {
+    for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
+        if bytes % (1u64 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 fn runtime_default() -> SeccompProfile {
@@ -401,7 +415,10 @@ pub fn restricted_violations(pod: &Pod) -> Vec<String> {
             || v.ephemeral.is_some()
             || v.csi.is_some();
         if !allowed {
-            problems.push(format!("volume `{}` is of a type restricted forbids", v.name));
+            problems.push(format!(
+                "volume `{}` is of a type restricted forbids",
+                v.name
+            ));
         }
     }
     let pod_ctx = spec.security_context.as_ref();
@@ -466,4 +483,191 @@ pub fn restricted_violations(pod: &Pod) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The pod as YAML, as `render-pod` prints it (and `kubectl apply -f` reads it).
+pub fn to_yaml(pod: &Pod) -> String {
+    serde_saphyr::to_string(pod).expect("pods always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::pipeline::{Resources, Step};
+    use flotilla_core::runner::Checkout;
+    use flotilla_core::{Attempt, BuildId, Fence, JobId, ProjectId};
+
+    use super::*;
+
+    fn cell() -> CellId {
+        CellId::new("eu-west-1a").expect("valid")
+    }
+
+    fn sample(checkout: bool) -> Assignment {
+        Assignment {
+            job: JobId(42),
+            build: BuildId(7),
+            project: ProjectId::new("acme-web").expect("valid"),
+            attempt: Attempt::new(2).expect("valid"),
+            fence: Fence(1234),
+            name: "test (stable)".into(),
+            image: "rust:1.83".into(),
+            steps: vec![Step {
+                name: "test".into(),
+                run: "cargo test".into(),
+            }],
+            env: vec![("RUST_LOG".into(), "info".into())],
+            timeout_secs: 1800,
+            resources: Resources {
+                cpu_millis: 2000,
+                memory_bytes: 4 << 30,
+            },
+            pool: "large".into(),
+            checkout: checkout.then(|| Checkout {
+                repo_url: "https://git.example.com/acme/web.git".into(),
+                git_ref: "refs/heads/main".into(),
+                sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            }),
+        }
+    }
+
+    fn configs() -> Vec<KubeConfig> {
+        let mut without_gvisor = KubeConfig {
+            runtime_class: None,
+            ..KubeConfig::default()
+        };
+        without_gvisor.image_pull_secrets = vec!["registry".into()];
+        without_gvisor.node_selector = BTreeMap::from([("pool".into(), "ci".into())]);
+        without_gvisor.workspace_size_limit = Some("20Gi".into());
+        without_gvisor.pod_labels = BTreeMap::from([("team".into(), "platform".into())]);
+        vec![KubeConfig::default(), without_gvisor]
+    }
+
+    #[test]
+    fn every_rendered_pod_meets_the_restricted_pod_security_profile() {
+        for cfg in configs() {
+            for checkout in [false, true] {
+                let pod = pod(&cfg, &cell(), &sample(checkout));
+                assert_eq!(
+                    restricted_violations(&pod),
+                    Vec::<String>::new(),
+                    "checkout {checkout}, config {cfg:?}"
+                );
+                let spec = pod.spec.as_ref().expect("spec");
+                assert!(spec.volumes.iter().flatten().all(|v| v.host_path.is_none()));
+                assert_eq!(spec.automount_service_account_token, Some(false));
+            }
+        }
+    }
+
+    #[test]
+    fn the_restricted_check_finds_what_breaks_the_profile() {
+        let mut pod = pod(&KubeConfig::default(), &cell(), &sample(true));
+        let spec = pod.spec.as_mut().expect("spec");
+        spec.host_network = Some(true);
+        spec.automount_service_account_token = None;
+        let job = &mut spec.containers[0];
+        let ctx = job.security_context.as_mut().expect("ctx");
+        ctx.allow_privilege_escalation = None;
+        ctx.capabilities = None;
+        ctx.run_as_user = Some(0);
+        spec.volumes.get_or_insert_default().push(Volume {
+            name: "docker".into(),
+            host_path: Some(Default::default()),
+            ..Volume::default()
+        });
+        let problems = restricted_violations(&pod);
+        for expected in [
+            "hostNetwork is true",
+            "automountServiceAccountToken is not false",
+            "container `job` does not set allowPrivilegeEscalation: false",
+            "container `job` does not drop ALL capabilities",
+            "container `job` runs as user 0",
+            "volume `docker` is of a type restricted forbids",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected:?} not in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pod_carries_the_attempt_in_its_name_labels_and_limits() {
+        let cfg = KubeConfig::default();
+        let a = sample(true);
+        let pod = pod(&cfg, &cell(), &a);
+        assert_eq!(pod.metadata.name.as_deref(), Some("flotilla-j42-a2-f1234"));
+        let labels = pod.metadata.labels.as_ref().expect("labels");
+        for (key, value) in [
+            (LABEL_CELL, "eu-west-1a"),
+            (LABEL_JOB, "42"),
+            (LABEL_ATTEMPT, "2"),
+            (LABEL_FENCE, "1234"),
+            (LABEL_PROJECT, "acme-web"),
+            (LABEL_POOL, "large"),
+            (LABEL_MANAGED_BY, "flotilla"),
+        ] {
+            assert_eq!(labels.get(key).map(String::as_str), Some(value), "{key}");
+        }
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(spec.active_deadline_seconds, Some(1800 + 600));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let job = &spec.containers[0];
+        assert_eq!(job.image.as_deref(), Some("rust:1.83"));
+        let resources = job.resources.as_ref().expect("resources");
+        assert_eq!(resources.requests, resources.limits, "Guaranteed QoS");
+        let limits = resources.limits.as_ref().expect("limits");
+        assert_eq!(limits["cpu"].0, "2000m");
+        assert_eq!(limits["memory"].0, "4Gi");
+        assert_eq!(memory_quantity(1536 << 20), "1536Mi");
+        assert_eq!(memory_quantity(1000), "1000");
+        let init: Vec<&str> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(init, [INSTALL_CONTAINER, CHECKOUT_CONTAINER]);
+        let without_code = super::pod(&cfg, &cell(), &sample(false));
+        assert_eq!(
+            without_code
+                .spec
+                .expect("spec")
+                .init_containers
+                .expect("init")
+                .len(),
+            1,
+            "no checkout container without code to check out"
+        );
+        assert_eq!(
+            label_value("-weird/project."),
+            "weird_project",
+            "label values are made valid"
+        );
+    }
+
+    #[test]
+    fn the_spec_secret_holds_the_assignment_and_is_owned_by_the_pod() {
+        let a = sample(true);
+        let secret = spec_secret(&KubeConfig::default(), &cell(), &a, Some("u-1"));
+        let owner = &secret.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u-1"));
+        let data = &secret.data.as_ref().expect("data")[SPEC_KEY];
+        let back: Assignment = serde_json::from_slice(&data.0).expect("json");
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn the_rendered_pod_yaml_is_stable_and_parses_back_into_the_same_pod() {
+        let cfg = KubeConfig {
+            runner_image: "ghcr.io/flotilla-ci/flotilla:test".into(),
+            ..KubeConfig::default()
+        };
+        let pod = pod(&cfg, &cell(), &sample(true));
+        let yaml = to_yaml(&pod);
+        let back: Pod = serde_saphyr::from_str(&yaml).expect("the YAML parses as a Pod");
+        assert_eq!(back, pod);
+        insta::assert_snapshot!("rendered_pod", yaml);
+    }
 }

@@ -162,7 +162,10 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
         if BAD_IMAGE_REASONS.contains(&why) {
             return Observation::Ended(Ending::new(
                 Outcome::Failed(FailureClass::Config),
-                format!("the image of container `{}` cannot be used ({why}): {message}", c.name),
+                format!(
+                    "the image of container `{}` cannot be used ({why}): {message}",
+                    c.name
+                ),
             ));
         }
         if PULL_REASONS.contains(&why) {
@@ -176,21 +179,22 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
             };
         }
     }
-    let unschedulable = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| {
-            cs.iter().find(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            })
-        });
+    let unschedulable = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+        cs.iter().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+    });
     if let Some(c) = unschedulable {
         return Observation::Unschedulable {
             message: c.message.clone().unwrap_or_default(),
         };
     }
-    if let Some(running) = job.and_then(|c| c.state.as_ref()).and_then(|s| s.running.as_ref()) {
+    if let Some(running) = job
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.running.as_ref())
+    {
         return Observation::Running {
             started_at_ms: running
                 .started_at
@@ -284,4 +288,293 @@ pub fn is_terminal(pod: &Pod) -> bool {
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+        PodCondition, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::runner::record::PROTOCOL_VERSION;
+
+    fn container(name: &str, state: ContainerState) -> ContainerStatus {
+        ContainerStatus {
+            name: name.into(),
+            state: Some(state),
+            ..ContainerStatus::default()
+        }
+    }
+
+    fn waiting(reason: &str) -> ContainerState {
+        ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(format!("{reason} happened")),
+            }),
+            ..ContainerState::default()
+        }
+    }
+
+    fn terminated(code: i32, reason: &str, message: Option<String>) -> ContainerState {
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: Some(reason.into()),
+                message,
+                ..ContainerStateTerminated::default()
+            }),
+            ..ContainerState::default()
+        }
+    }
+
+    fn pod(
+        phase: &str,
+        reason: Option<&str>,
+        init: Vec<ContainerStatus>,
+        job: Vec<ContainerStatus>,
+    ) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                reason: reason.map(Into::into),
+                init_container_statuses: Some(init),
+                container_statuses: Some(job),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    fn term(outcome: Outcome, message: Option<&str>) -> Option<String> {
+        Some(
+            Termination {
+                v: PROTOCOL_VERSION,
+                outcome,
+                message: message.map(Into::into),
+            }
+            .to_json(),
+        )
+    }
+
+    fn ended(o: Observation) -> Outcome {
+        match o {
+            Observation::Ended(e) => e.outcome,
+            other => panic!("not ended: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn container_states_map_to_the_failure_taxonomy() {
+        let job = |s| vec![container(JOB_CONTAINER, s)];
+        let cases: Vec<(&str, Pod, Outcome)> = vec![
+            (
+                "exit 0",
+                pod(
+                    "Succeeded",
+                    None,
+                    vec![],
+                    job(terminated(0, "Completed", None)),
+                ),
+                Outcome::Succeeded,
+            ),
+            (
+                "exit 2 without a message",
+                pod("Failed", None, vec![], job(terminated(2, "Error", None))),
+                Outcome::Failed(FailureClass::Test { exit_code: 2 }),
+            ),
+            (
+                "the wrapper's timeout",
+                pod(
+                    "Failed",
+                    None,
+                    vec![],
+                    job(terminated(
+                        124,
+                        "Error",
+                        term(Outcome::Failed(FailureClass::Timeout), None),
+                    )),
+                ),
+                Outcome::Failed(FailureClass::Timeout),
+            ),
+            (
+                "OOMKilled",
+                pod(
+                    "Failed",
+                    None,
+                    vec![],
+                    job(terminated(137, "OOMKilled", None)),
+                ),
+                Outcome::Failed(FailureClass::Test { exit_code: 137 }),
+            ),
+            (
+                "the wrapper could not start",
+                pod(
+                    "Failed",
+                    None,
+                    vec![],
+                    job(terminated(128, "StartError", None)),
+                ),
+                CRASH,
+            ),
+            (
+                "the active deadline",
+                pod("Failed", Some("DeadlineExceeded"), vec![], vec![]),
+                Outcome::Failed(FailureClass::Timeout),
+            ),
+            (
+                "eviction",
+                pod("Failed", Some("Evicted"), vec![], vec![]),
+                EVICTED,
+            ),
+            (
+                "a bad image name",
+                pod("Pending", None, vec![], job(waiting("InvalidImageName"))),
+                Outcome::Failed(FailureClass::Config),
+            ),
+            (
+                "a checkout of a commit that cannot exist",
+                pod(
+                    "Pending",
+                    None,
+                    vec![container(
+                        CHECKOUT_CONTAINER,
+                        terminated(
+                            1,
+                            "Error",
+                            term(Outcome::Failed(FailureClass::Config), Some("bad sha")),
+                        ),
+                    )],
+                    vec![],
+                ),
+                Outcome::Failed(FailureClass::Config),
+            ),
+            (
+                "a checkout that failed without saying why",
+                pod(
+                    "Pending",
+                    None,
+                    vec![container(
+                        CHECKOUT_CONTAINER,
+                        terminated(128, "Error", None),
+                    )],
+                    vec![],
+                ),
+                CRASH,
+            ),
+            (
+                "an install failure is the platform's whatever it says",
+                pod(
+                    "Pending",
+                    None,
+                    vec![container(
+                        super::super::render::INSTALL_CONTAINER,
+                        terminated(
+                            1,
+                            "Error",
+                            term(Outcome::Failed(FailureClass::Config), None),
+                        ),
+                    )],
+                    vec![],
+                ),
+                CRASH,
+            ),
+        ];
+        for (what, pod, outcome) in cases {
+            assert_eq!(ended(observe(&pod, false)), outcome, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_deletion_is_an_eviction_unless_the_agent_asked_for_it() {
+        let mut p = pod(
+            "Running",
+            None,
+            vec![],
+            vec![container(
+                JOB_CONTAINER,
+                ContainerState {
+                    running: Some(ContainerStateRunning { started_at: None }),
+                    ..ContainerState::default()
+                },
+            )],
+        );
+        assert_eq!(
+            observe(&p, false),
+            Observation::Running {
+                started_at_ms: None
+            }
+        );
+        p.metadata.deletion_timestamp = Some(Time(
+            k8s_openapi::chrono::DateTime::from_timestamp(1, 0).expect("time"),
+        ));
+        assert_eq!(ended(observe(&p, false)), EVICTED);
+        assert_eq!(
+            observe(&p, true),
+            Observation::Running {
+                started_at_ms: None
+            }
+        );
+    }
+
+    #[test]
+    fn pull_trouble_stuck_containers_and_unschedulable_pods_wait_for_their_deadline() {
+        let p = pod(
+            "Pending",
+            None,
+            vec![],
+            vec![container(JOB_CONTAINER, waiting("ImagePullBackOff"))],
+        );
+        assert!(
+            matches!(observe(&p, false), Observation::PullFailing { message } if message.contains("ImagePullBackOff"))
+        );
+        let p = pod(
+            "Pending",
+            None,
+            vec![container(
+                super::super::render::INSTALL_CONTAINER,
+                waiting("ErrImagePull"),
+            )],
+            vec![],
+        );
+        assert!(
+            matches!(observe(&p, false), Observation::PullFailing { .. }),
+            "the runner image too"
+        );
+        let p = pod(
+            "Pending",
+            None,
+            vec![],
+            vec![container(
+                JOB_CONTAINER,
+                waiting("CreateContainerConfigError"),
+            )],
+        );
+        assert!(matches!(observe(&p, false), Observation::Stuck { .. }));
+        let mut p = pod("Pending", None, vec![], vec![]);
+        p.status.as_mut().expect("status").conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/3 nodes are available".into()),
+            ..PodCondition::default()
+        }]);
+        assert_eq!(
+            observe(&p, false),
+            Observation::Unschedulable {
+                message: "0/3 nodes are available".into()
+            }
+        );
+        p.status.as_mut().expect("status").conditions = Some(vec![PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            reason: Some("PreemptionByScheduler".into()),
+            ..PodCondition::default()
+        }]);
+        p.status.as_mut().expect("status").phase = Some("Failed".into());
+        assert_eq!(ended(observe(&p, false)), EVICTED, "preemption");
+    }
 }
