@@ -162,8 +162,9 @@ impl Agent {
         &self.stats
     }
 
-    /// Stops the agent: closes the session, kills every runner (the federator re-places
-    /// their jobs once the cell's lease runs out) and waits for them to be cleaned up.
+    /// Stops the agent: closes the session and shuts the backend down. Runners that die with
+    /// the agent (local) are killed, and the federator re-places their jobs once the cell's
+    /// lease runs out; pods (kubernetes) keep running for the next agent to take over.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -244,6 +245,7 @@ impl Worker {
         if let Err(e) = std::fs::create_dir_all(&self.config.logs_dir) {
             tracing::error!(dir = %self.config.logs_dir.display(), error = %e, "Cannot create the job log directory; output will not be kept.");
         }
+        self.recover(&mut stop).await;
         let mut session: Option<Session> = None;
         let mut heartbeat: Option<tokio::time::Interval> = None;
         let mut backoff = Duration::from_millis(100);
@@ -452,6 +454,7 @@ impl Worker {
     }
 
     fn capacity(&self) -> pb::Heartbeat {
+        let api_budget = self.backend.api_budget().unwrap_or(0);
         let pools = self
             .config
             .pools
@@ -469,7 +472,7 @@ impl Worker {
                     idle: max.saturating_sub(busy),
                     queued: 0,
                     max: *max,
-                    api_budget: 0,
+                    api_budget,
                 }
             })
             .collect();
@@ -582,6 +585,37 @@ impl Worker {
         self.stats.revoked.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.backend.cancel(job, fence).await {
             tracing::warn!(job = %job, error = %e, "Killing a revoked runner failed; the reaper will retry.");
+        }
+    }
+
+    /// Takes over what a previous run of the agent left running (kubernetes pods), so the
+    /// first `Hello` names those attempts and the federator keeps them here instead of
+    /// failing them as crashed.
+    async fn recover(&mut self, stop: &mut watch::Receiver<bool>) {
+        let recovered = tokio::select! {
+            _ = stopped(stop) => return,
+            r = self.backend.recover(self.sink.clone()) => r,
+        };
+        match recovered {
+            Ok(assignments) => {
+                for a in assignments {
+                    tracing::info!(cell = %self.config.cell, job = %a.job, fence = %a.fence, "Resuming an attempt a previous agent started.");
+                    let log = self.open_log(&a);
+                    self.runs.insert(
+                        a.job,
+                        Run {
+                            assignment: a,
+                            delivered_at_ms: now_ms(),
+                            started_at_ms: None,
+                            revoked: false,
+                            log,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(cell = %self.config.cell, error = %e, "Cannot take over the runners a previous agent left; the federator will fail and re-place their jobs.");
+            }
         }
     }
 

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod config;
 pub mod runner;
 
 pub use agent::{Agent, AgentAuth, AgentConfig, AgentStats};

@@ -485,6 +485,22 @@ pub fn restricted_violations(pod: &Pod) -> Vec<String> {
     problems
 }
 
+/// Reads a resolved job spec (the JSON mounted as `job.json`, or the same in YAML) for
+/// `render-pod`; errors name `file:line:column`.
+pub fn read_job_spec(file: &str, text: &str) -> Result<Assignment, String> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!("{file}:{}:{}: ", l.line(), l.column()))
+            .unwrap_or_else(|| format!("{file}: "));
+        format!(
+            "{at}{} (a job spec is the JSON mounted as /flotilla/spec/job.json; see \
+             deploy/job-spec.example.yaml)",
+            e.without_snippet()
+        )
+    })
+}
+
 /// The pod as YAML, as `render-pod` prints it (and `kubectl apply -f` reads it).
 pub fn to_yaml(pod: &Pod) -> String {
     serde_saphyr::to_string(pod).expect("pods always serialize")
