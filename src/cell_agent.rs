@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use flotilla_cell_agent::backend::kubernetes::{self, KubeBackend, KubeConfig, render};
+use flotilla_cell_agent::backend::kubernetes::{self, KubeBackend, render};
 use flotilla_cell_agent::backend::{LocalBackend, LocalConfig, SandboxMode};
 use flotilla_cell_agent::config::{AgentFile, AuthFile, BackendFile};
 use flotilla_cell_agent::{Agent, AgentAuth, AgentConfig};
@@ -253,7 +253,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             let client = kubernetes::client::connect(kube_config)
                 .await
                 .context("connecting to the Kubernetes API server (in-cluster service account, or KUBECONFIG)")?;
-            let backend = KubeBackend::new(client, kube_config.clone(), cell.clone())
+            let backend = KubeBackend::new(client, (**kube_config).clone(), cell.clone())
                 .context("starting the kubernetes runner backend")?;
             tracing::info!(cell = %cell, namespace = %kube_config.namespace, "Cell agent starting with the kubernetes backend.");
             Arc::new(backend)
@@ -284,7 +284,7 @@ fn render_pod(args: &RenderArgs) -> anyhow::Result<()> {
             };
             (Some(file.cell), k)
         }
-        None => (None, KubeConfig::default()),
+        None => (None, Box::default()),
     };
     let cell = CellId::new(
         args.cell

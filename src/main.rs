@@ -6,6 +6,7 @@ mod cell_agent;
 mod dev;
 mod federator;
 mod raft_admin;
+mod runner;
 mod tls_args;
 mod validate;
 
@@ -49,10 +50,19 @@ enum Command {
     Raft(raft_admin::Args),
     /// Run the agent of one cell: dials the federator, runs the jobs it is assigned.
     ///
-    /// Runs jobs with the local backend (sandboxed processes); the Kubernetes backend is not
-    /// built yet. Authenticate with a client certificate naming the cell (--tls-*) or the
-    /// federator's cell bootstrap token (--token-file).
+    /// `--config FILE` (YAML) configures everything, including the kubernetes backend (one
+    /// pod per attempt; see docs/kubernetes.md); flags run the local backend (sandboxed
+    /// processes). Authenticate with a client certificate naming the cell (--tls-*) or the
+    /// federator's cell bootstrap token (--token-file). `render-pod` prints the pod a job
+    /// would get.
     CellAgent(cell_agent::Args),
+    /// Commands that run inside a runner pod: `exec`, `checkout`, `install`.
+    ///
+    /// The pod the cell agent's Kubernetes backend renders for a job runs these: `install`
+    /// copies this binary into a volume, `checkout` puts the job's commit into the workspace,
+    /// and `exec` runs the job's steps in the job's own image, writing JSON records on stdout.
+    /// Not meant to be typed by people.
+    Runner(runner::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +82,8 @@ fn main() -> ExitCode {
             init_logging();
             cell_agent::run(&args)
         }
+        // No logging: stdout carries the records, and in a pod stderr joins the same log.
+        Command::Runner(args) => runner::run(&args),
     }
 }
 

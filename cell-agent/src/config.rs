@@ -62,7 +62,7 @@ pub enum AuthFile {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum BackendFile {
     /// One pod per attempt in this cluster.
-    Kubernetes(#[serde(default)] KubeConfig),
+    Kubernetes(#[serde(default)] Box<KubeConfig>),
     /// Sandboxed processes on this machine.
     Local(#[serde(default)] LocalFile),
 }

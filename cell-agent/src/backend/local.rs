@@ -8,6 +8,9 @@
 //! - `attempt`: the task that runs one attempt (workspace, checkout, steps, cleanup).
 //! - `output`: line splitting and event stamps; `process`: process groups and stop signals.
 //!
+//! [`run_in_place`] runs an assignment's steps the same way but without any of the backend
+//! around them: it is what `flotilla runner exec` runs inside a Kubernetes runner pod.
+//!
 //! Each step runs as `bash -eo pipefail -c <run>` in its own process group. Cancelling or
 //! timing out kills that whole group with SIGKILL. Under bwrap that group holds bwrap,
 //! whose PID namespace takes every process of the step down with it, whatever they did.
@@ -24,9 +27,10 @@ mod sandbox;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use flotilla_core::job::Outcome;
 use flotilla_core::runner::{
     Assignment, BoxFuture, RunnerBackend, RunnerError, RunnerEvents, RunnerInfo,
 };
@@ -38,11 +42,45 @@ pub use config::{Limits, LocalConfig, LocalConfigError, SandboxMode};
 pub use output::MAX_LINE_BYTES;
 
 use checkout::Mirrors;
+use output::Emitter;
 use process::StopSignal;
 use sandbox::Isolation;
 
+// For the runner wrapper (`crate::runner`), which checks code out and stamps records the
+// same way.
+pub(crate) use checkout::{Bounds, CheckoutError, git, valid_ref, valid_sha, without_credentials};
+pub(crate) use output::now_ms;
+
 /// `PATH` for steps when the agent itself has none.
 const FALLBACK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs `assignment`'s steps in the existing directory `workspace`, exactly as the backend
+/// runs an attempt's steps — `bash -eo pipefail -c` per step, each in its own process group
+/// that is killed whole on stop or timeout, the timeout counted from the first step — but
+/// with nothing around them: no sandbox, no resource limits, no checkout, and the workspace
+/// is left as it is. Made for a container that is itself the sandbox (`flotilla runner
+/// exec` in a Kubernetes runner pod).
+///
+/// Steps see the process's own `PATH` (or the standard one) and `HOME` (or the workspace),
+/// `LANG=C.UTF-8`, `CI=true`, `FLOTILLA_WORKSPACE`, `FLOTILLA_JOB_ID`, `FLOTILLA_ATTEMPT`,
+/// `FLOTILLA_FENCE`, then the assignment's `env`. Where there is no `bash` they run with
+/// `sh -e -c`, after a system line saying that pipefail is unavailable.
+///
+/// Every event goes to `events`, as a backend reports them: `Started` once the first step
+/// runs, the output lines, then one `Finished` with the returned outcome. The attempt stops
+/// (`Failed(Cancelled)`) once `stop` holds `true` — or once its sender is dropped, so keep
+/// the sender alive for as long as the steps should run.
+pub async fn run_in_place(
+    assignment: &Assignment,
+    workspace: &Path,
+    events: Arc<dyn RunnerEvents>,
+    stop: watch::Receiver<bool>,
+) -> Outcome {
+    let emitter = Emitter::new(assignment.job, assignment.fence, events);
+    let outcome = attempt::in_place(assignment, workspace, &emitter, stop.into()).await;
+    emitter.finished(outcome);
+    outcome
+}
 
 /// Runs attempts as local process trees. Cheap to clone: clones share the same attempts.
 #[derive(Clone)]

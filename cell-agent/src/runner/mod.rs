@@ -1,5 +1,21 @@
 //! The runner wrapper: what runs *inside* a runner (a Kubernetes pod today), started as
 //! `flotilla runner …`.
 //!
+//! A runner pod runs, in order:
+//! 1. [`install`] (init container, Flotilla image): copies the `flotilla` binary into a volume
+//!    shared with the job container;
+//! 2. [`checkout`] (init container, Flotilla image, only when the job has code): checks the
+//!    job's commit out into the workspace volume;
+//! 3. [`exec`] (the job's own container and image, started as the copied binary): runs the
+//!    job's steps in the workspace with the local backend's step runner
+//!    ([`run_in_place`](crate::backend::local::run_in_place)).
+//!
+//! Each writes [`record`]s, one JSON object per line, on its standard output (the pod log),
+//! and `checkout` and `exec` leave the outcome in the container's termination message,
+//! which the Kubernetes backend reads back from the pod status.
+//!
 //! - [`record`]: the wrapper's output protocol (JSON lines) and termination message.
+pub mod checkout;
+pub mod exec;
+pub mod install;
 pub mod record;

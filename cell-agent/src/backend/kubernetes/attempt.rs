@@ -61,6 +61,8 @@ pub(super) struct Task {
     pub(super) view: watch::Receiver<PodView>,
     pub(super) cancel: watch::Receiver<bool>,
     pub(super) stop: watch::Receiver<bool>,
+    /// When the backend accepted the attempt; no report of it predates this.
+    pub(super) accepted_at_ms: u64,
 }
 
 /// Where the attempt is.
@@ -311,6 +313,9 @@ impl Task {
     }
 
     fn mark_started(&self, p: &mut Progress, at_ms: u64) {
+        // Kubernetes stamps container starts to the second: never report a start before
+        // the attempt was accepted.
+        let at_ms = at_ms.max(self.accepted_at_ms);
         p.started = true;
         let (job, fence) = (self.assignment.job, self.assignment.fence);
         self.inner.mark_started(&job, fence, at_ms);

@@ -110,7 +110,7 @@ where
 pub async fn connect(cfg: &KubeConfig) -> Result<kube::Client, kube::Error> {
     let config = kube::Config::infer()
         .await
-        .map_err(|e| kube::Error::InferConfig(e))?;
+        .map_err(kube::Error::InferConfig)?;
     let builder = kube::client::ClientBuilder::try_from(config)?;
     Ok(builder
         .with_layer(&ThrottleLayer::new(cfg.qps, cfg.burst))

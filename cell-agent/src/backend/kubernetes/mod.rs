@@ -91,6 +91,9 @@ struct State {
     /// `recover` ran: a pod nobody tracks from now on is an orphan.
     recovered: bool,
     attempts: HashMap<JobId, Tracked>,
+    /// Attempts superseded by a newer fence of their job, by pod name, until their pods
+    /// are gone and they have reported.
+    retiring: HashMap<String, Tracked>,
     /// The watcher's view of the cell's pods, by name.
     pods: HashMap<String, Pod>,
     /// Pods being reaped, whose later updates are expected and ignored.
@@ -207,6 +210,18 @@ impl Inner {
         {
             state.attempts.remove(job);
         }
+        state
+            .retiring
+            .retain(|_, t| !(t.info.job == *job && t.info.fence == fence));
+    }
+
+    /// Every attempt whose task wants updates of pod `name`.
+    fn watching<'s>(state: &'s State, name: &'s str) -> impl Iterator<Item = &'s Tracked> {
+        state
+            .attempts
+            .values()
+            .filter(move |t| t.pod_name == name)
+            .chain(state.retiring.get(name))
     }
 
     /// Deletes a pod in the background (its Secret goes with it).
@@ -233,10 +248,11 @@ impl Inner {
         let name = render::pod_name(&assignment);
         let (view, view_rx) = watch::channel(self.view_of(state, &name));
         let (cancel, cancel_rx) = watch::channel(false);
+        let accepted_at_ms = attempt::now_ms();
         let info = RunnerInfo {
             job: assignment.job,
             fence: assignment.fence,
-            accepted_at_ms: attempt::now_ms(),
+            accepted_at_ms,
             started_at_ms: None,
             timeout_secs: assignment.timeout_secs,
         };
@@ -257,6 +273,7 @@ impl Inner {
             view: view_rx,
             cancel: cancel_rx,
             stop: self.stop.subscribe(),
+            accepted_at_ms,
         };
         state.tasks.push(tokio::spawn(task.run(mode)));
     }
@@ -267,7 +284,7 @@ impl Inner {
             return;
         };
         let mut state = self.state();
-        let tracked = state.attempts.values().find(|t| t.pod_name == name);
+        let tracked = Self::watching(&state, &name).next();
         match tracked {
             Some(t) => {
                 t.view.send_replace(PodView::Present(Box::new(pod.clone())));
@@ -287,7 +304,7 @@ impl Inner {
         let mut state = self.state();
         state.pods.remove(name);
         state.reaping.remove(name);
-        if let Some(t) = state.attempts.values().find(|t| t.pod_name == name) {
+        for t in Self::watching(&state, name) {
             t.view.send_replace(PodView::Gone { certain: true });
         }
     }
@@ -296,7 +313,7 @@ impl Inner {
     /// from the list was deleted while the watch was down.
     fn pods_listed(&self, pods: HashMap<String, Pod>) {
         let mut state = self.state();
-        for t in state.attempts.values() {
+        for t in state.attempts.values().chain(state.retiring.values()) {
             let view = match pods.get(&t.pod_name) {
                 Some(p) => PodView::Present(Box::new(p.clone())),
                 None => PodView::Gone { certain: false },
@@ -406,7 +423,7 @@ impl RunnerBackend for KubeBackend {
                 tracing::info!(job = %job, fence = %t.info.fence, newer = %fence, "Stopping a stale attempt.");
                 t.cancel.send_replace(true);
                 let old = state.attempts.remove(&job).expect("just seen");
-                drop(old);
+                state.retiring.insert(old.pod_name.clone(), old);
             }
             self.inner
                 .track(&mut state, assignment, events, Mode::Create);
@@ -448,6 +465,7 @@ impl RunnerBackend for KubeBackend {
                 let mut state = self.inner.state();
                 state.closed = true;
                 state.attempts.clear();
+                state.retiring.clear();
                 std::mem::take(&mut state.tasks)
             };
             self.inner.stop.send_replace(true);
@@ -475,6 +493,7 @@ impl RunnerBackend for KubeBackend {
                 let tracked: std::collections::HashSet<&str> = state
                     .attempts
                     .values()
+                    .chain(state.retiring.values())
                     .map(|t| t.pod_name.as_str())
                     .collect();
                 let mut names: Vec<String> = state

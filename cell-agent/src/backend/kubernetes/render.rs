@@ -62,6 +62,8 @@ const BIN_DIR: &str = "/flotilla/bin";
 const SPEC_DIR: &str = "/flotilla/spec";
 const WORKSPACE: &str = "/workspace";
 const TMP: &str = "/tmp";
+/// Kubernetes' default `terminationMessagePath`.
+const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where the Flotilla image keeps the binary.
 const IMAGE_BINARY: &str = "/usr/local/bin/flotilla";
 
@@ -180,6 +182,8 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
                 WORKSPACE,
                 "--timeout",
                 &format!("{}s", cfg.checkout_timeout.as_secs().max(1)),
+                "--termination-log",
+                TERMINATION_LOG,
             ])),
             env: Some(vec![env("HOME", TMP)]),
             volume_mounts: Some(vec![
@@ -206,9 +210,18 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
             WORKSPACE,
             "--protocol",
             &PROTOCOL_VERSION.to_string(),
+            "--termination-log",
+            TERMINATION_LOG,
         ])),
         working_dir: Some(WORKSPACE.into()),
-        env: Some(vec![env("HOME", TMP)]),
+        env: Some(vec![
+            env("HOME", TMP),
+            // The workspace belongs to root (an emptyDir shared through fsGroup): without
+            // this, git in a step refuses it as a repository of "dubious ownership".
+            env("GIT_CONFIG_COUNT", "1"),
+            env("GIT_CONFIG_KEY_0", "safe.directory"),
+            env("GIT_CONFIG_VALUE_0", WORKSPACE),
+        ]),
         volume_mounts: Some(vec![
             mount("flotilla-bin", BIN_DIR, true),
             mount("spec", SPEC_DIR, true),
@@ -323,7 +336,7 @@ fn job_resources(a: &Assignment) -> ResourceRequirements {
 /// write them in manifests.
 fn memory_quantity(bytes: u64) -> String {
     for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if bytes % (1u64 << shift) == 0 {
+        if bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -2,7 +2,11 @@
 //!
 //! Workspace → checkout → steps, one process group per step → cleanup → `Finished`. Every
 //! path out of here, including set-up failures, ends in exactly one `Finished`.
+//!
+//! The steps themselves are run by `Steps`, shared with [`in_place`] (the runner wrapper's
+//! `flotilla runner exec`, which runs them in a container's existing workspace).
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -16,12 +20,12 @@ use flotilla_core::runner::{Assignment, RunnerEvents, Stream};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::Inner;
 use super::checkout::{Bounds, CheckoutError};
 use super::config::Limits;
 use super::output::{Emitter, read_lines};
 use super::process::{KILL_GRACE, ProcessGroup, StopSignal};
-use super::sandbox::{Isolation, bwrap_args};
+use super::sandbox::{Isolation, bwrap_args, find_in};
+use super::{FALLBACK_PATH, Inner};
 
 const CRASH: Outcome = Outcome::Failed(FailureClass::Infra {
     reason: InfraReason::RunnerCrash,
@@ -139,10 +143,145 @@ impl Attempt<'_> {
     }
 
     async fn run_steps(&mut self, read_only: &[PathBuf]) -> Outcome {
+        let inner = self.inner;
+        let sandbox = match &inner.isolation {
+            Isolation::Bwrap(bwrap) => Some(Sandbox {
+                bwrap,
+                hidden: &inner.config.hidden_dirs,
+                read_only,
+            }),
+            Isolation::Unsandboxed | Isolation::Refused(_) => None,
+        };
+        let steps = Steps {
+            assignment: self.assignment,
+            workspace: self.workspace,
+            emitter: self.emitter,
+            launch: Launch {
+                sandbox,
+                shell: Shell::Bash(&inner.bash, &inner.config.limits),
+                path: &inner.path,
+                home: self.workspace,
+            },
+        };
+        let (job, fence) = (self.assignment.job, self.assignment.fence);
+        steps
+            .run(&mut self.stop, &|at_ms| {
+                inner.mark_started(&job, fence, at_ms)
+            })
+            .await
+    }
+}
+
+/// Runs `assignment`'s steps in `workspace` as it is: no sandbox, no checkout, no limits,
+/// nothing removed afterwards (the body of [`super::run_in_place`], which reports
+/// `Finished`). Steps get the process's own `PATH` and `HOME` (falling back to the standard
+/// path and the workspace), and `bash -eo pipefail`, or `sh -e` where there is no bash.
+pub(super) async fn in_place(
+    assignment: &Assignment,
+    workspace: &Path,
+    emitter: &Emitter,
+    mut stop: StopSignal,
+) -> Outcome {
+    if let Err(why) = check_assignment(assignment) {
+        emitter.system(None, why);
+        return Outcome::Failed(FailureClass::Config);
+    }
+    let path = std::env::var_os("PATH")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| FALLBACK_PATH.into());
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| workspace.to_path_buf(), PathBuf::from);
+    let bash = find_in(&path, "bash");
+    let sh = find_in(&path, "sh");
+    let shell = match (&bash, &sh) {
+        (Some(bash), _) => Shell::Bash(bash, &NO_LIMITS),
+        (None, Some(sh)) => {
+            emitter.system(
+                None,
+                "bash is not installed in this image, so steps run with `sh -e` instead: \
+                 pipefail is unavailable, and a failure early in a pipeline goes unnoticed",
+            );
+            Shell::Sh(sh)
+        }
+        (None, None) => {
+            emitter.system(
+                None,
+                format!(
+                    "neither bash nor sh is on PATH ({}), so no step can run",
+                    path.to_string_lossy()
+                ),
+            );
+            return CRASH;
+        }
+    };
+    let steps = Steps {
+        assignment,
+        workspace,
+        emitter,
+        launch: Launch {
+            sandbox: None,
+            shell,
+            path: &path,
+            home: &home,
+        },
+    };
+    steps.run(&mut stop, &|_| {}).await
+}
+
+/// No `ulimit`s: where steps run in place (a container), the container's own limits apply.
+const NO_LIMITS: Limits = Limits {
+    cpu_secs: None,
+    open_files: None,
+    processes: None,
+};
+
+/// How each step's process is started: what differs between the backend's attempts and
+/// [`in_place`].
+struct Launch<'a> {
+    /// Run each step inside this sandbox; `None` runs it directly.
+    sandbox: Option<Sandbox<'a>>,
+    /// The shell that runs each step's script.
+    shell: Shell<'a>,
+    /// `PATH` for steps.
+    path: &'a OsStr,
+    /// `HOME` for steps.
+    home: &'a Path,
+}
+
+/// `bwrap` and what it hides and binds (see `sandbox::bwrap_args`).
+struct Sandbox<'a> {
+    bwrap: &'a Path,
+    hidden: &'a [PathBuf],
+    read_only: &'a [PathBuf],
+}
+
+/// The shell a step's script runs in.
+enum Shell<'a> {
+    /// `bash -eo pipefail -c`, with these limits applied first.
+    Bash(&'a Path, &'a Limits),
+    /// `sh -e -c`, for images without bash: no pipefail, no limits.
+    Sh(&'a Path),
+}
+
+/// An assignment's steps, run in order in one workspace, one process group per step.
+struct Steps<'a> {
+    assignment: &'a Assignment,
+    workspace: &'a Path,
+    emitter: &'a Emitter,
+    launch: Launch<'a>,
+}
+
+impl Steps<'_> {
+    /// Runs the steps until one fails, the attempt is stopped or the timeout (counted from
+    /// the first step's start) passes. Emits `Started` once the first step is spawned and
+    /// then calls `on_started` with its stamp; does not emit `Finished`.
+    async fn run(&self, stop: &mut StopSignal, on_started: &(dyn Fn(u64) + Sync)) -> Outcome {
+        let mark_started = || on_started(self.emitter.started());
         let steps = &self.assignment.steps;
         if steps.is_empty() {
             // Nothing to execute, but the job state machine only lets a started job succeed.
-            self.mark_started();
+            mark_started();
             return Outcome::Succeeded;
         }
         let timeout_secs = self.assignment.timeout_secs;
@@ -150,7 +289,7 @@ impl Attempt<'_> {
         let mut deadline: Option<Instant> = None;
         for (i, step) in steps.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            if self.stop.is_stopped() {
+            if stop.is_stopped() {
                 return CANCELLED;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -164,7 +303,7 @@ impl Attempt<'_> {
                 Some(index),
                 format!("==> step {}/{}: {}", i + 1, steps.len(), step.name),
             );
-            let child = match self.command(step, read_only).spawn() {
+            let child = match self.command(step).spawn() {
                 Ok(child) => child,
                 Err(e) => {
                     self.emitter
@@ -176,9 +315,9 @@ impl Attempt<'_> {
             let deadline =
                 *deadline.get_or_insert_with(|| deadline_after(Duration::from_secs(timeout_secs)));
             if i == 0 {
-                self.mark_started();
+                mark_started();
             }
-            let end = supervise(child, group, index, deadline, self.emitter, &mut self.stop).await;
+            let end = supervise(child, group, index, deadline, self.emitter, stop).await;
             match end {
                 StepEnd::Exited(status) if status.success() => {}
                 StepEnd::Exited(status) => {
@@ -216,33 +355,33 @@ impl Attempt<'_> {
         Outcome::Succeeded
     }
 
-    fn mark_started(&self) {
-        let at_ms = self.emitter.started();
-        self.inner
-            .mark_started(&self.assignment.job, self.assignment.fence, at_ms);
-    }
-
-    /// The step's process: `bash -eo pipefail -c <run>`, inside bwrap when sandboxed, with a
-    /// clean environment, no stdin, and its own process group.
-    fn command(&self, step: &Step, read_only: &[PathBuf]) -> Command {
-        let inner = self.inner;
+    /// The step's process: `bash -eo pipefail -c <run>` (or `sh -e -c <run>`), inside bwrap
+    /// when sandboxed, with a clean environment, no stdin, and its own process group.
+    fn command(&self, step: &Step) -> Command {
+        let launch = &self.launch;
         let ws = self.workspace;
-        let mut command = match &inner.isolation {
-            Isolation::Bwrap(bwrap) => {
-                let mut command = Command::new(bwrap);
-                command.args(bwrap_args(ws, &inner.config.hidden_dirs, read_only));
-                command.arg(&inner.bash);
+        let shell = match launch.shell {
+            Shell::Bash(path, _) | Shell::Sh(path) => path,
+        };
+        let mut command = match &launch.sandbox {
+            Some(sandbox) => {
+                let mut command = Command::new(sandbox.bwrap);
+                command.args(bwrap_args(ws, sandbox.hidden, sandbox.read_only));
+                command.arg(shell);
                 command
             }
-            Isolation::Unsandboxed | Isolation::Refused(_) => Command::new(&inner.bash),
+            None => Command::new(shell),
         };
-        command.args(bash_args(&inner.bash, &inner.config.limits, &step.run));
+        match launch.shell {
+            Shell::Bash(bash, limits) => command.args(bash_args(bash, limits, &step.run)),
+            Shell::Sh(_) => command.args(["-e", "-c", &step.run]),
+        };
         let a = self.assignment;
         command
             .current_dir(ws)
             .env_clear()
-            .env("PATH", &inner.path)
-            .env("HOME", ws)
+            .env("PATH", launch.path)
+            .env("HOME", launch.home)
             .env("LANG", "C.UTF-8")
             .env("CI", "true")
             .env("FLOTILLA_WORKSPACE", ws)

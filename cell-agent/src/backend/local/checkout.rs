@@ -29,7 +29,7 @@ const MAX_GIT_STDERR: usize = 8 * 1024;
 
 /// Why a checkout did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(super) enum CheckoutError {
+pub(crate) enum CheckoutError {
     /// The request is malformed; running it again cannot help.
     #[error("{0}")]
     Invalid(String),
@@ -53,10 +53,10 @@ pub(super) struct Mirrors {
 }
 
 /// A deadline and a stop signal: what every git command is raced against.
-pub(super) struct Bounds<'a> {
-    pub(super) stop: &'a mut StopSignal,
-    pub(super) deadline: Instant,
-    pub(super) timeout_secs: u64,
+pub(crate) struct Bounds<'a> {
+    pub(crate) stop: &'a mut StopSignal,
+    pub(crate) deadline: Instant,
+    pub(crate) timeout_secs: u64,
 }
 
 impl Mirrors {
@@ -219,13 +219,13 @@ async fn has_commit(
 }
 
 /// What a git command left behind.
-struct GitOutput {
-    success: bool,
-    stderr: String,
+pub(crate) struct GitOutput {
+    pub(crate) success: bool,
+    pub(crate) stderr: String,
 }
 
 impl GitOutput {
-    fn into_result(self, what: &str) -> Result<(), CheckoutError> {
+    pub(crate) fn into_result(self, what: &str) -> Result<(), CheckoutError> {
         if self.success {
             Ok(())
         } else {
@@ -240,7 +240,7 @@ impl GitOutput {
 /// Runs git (from the agent's `PATH`, with the agent's environment minus anything that
 /// would point it at another repository, never prompting), in its own process group so
 /// that a stop kills its helpers (`git-remote-https`, `index-pack`) too.
-async fn git<I>(
+pub(crate) async fn git<I>(
     cwd: Option<&Path>,
     args: I,
     bounds: &mut Bounds<'_>,
@@ -319,7 +319,7 @@ async fn read_bounded<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
 
 /// The commit id, checked to be what git prints (SHA-1 or SHA-256 hex), so that it can
 /// never be read as an option or a revision expression.
-fn valid_sha(sha: &str) -> Result<String, CheckoutError> {
+pub(crate) fn valid_sha(sha: &str) -> Result<String, CheckoutError> {
     let sha = sha.to_ascii_lowercase();
     if matches!(sha.len(), 40 | 64) && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(sha)
@@ -330,7 +330,8 @@ fn valid_sha(sha: &str) -> Result<String, CheckoutError> {
     }
 }
 
-fn valid_ref(git_ref: &str) -> Result<String, CheckoutError> {
+/// The ref, checked to be something git cannot read as an option.
+pub(crate) fn valid_ref(git_ref: &str) -> Result<String, CheckoutError> {
     let fine = !git_ref.is_empty()
         && !git_ref.starts_with('-')
         && !git_ref.chars().any(|c| c.is_whitespace() || c.is_control());
@@ -345,7 +346,7 @@ fn valid_ref(git_ref: &str) -> Result<String, CheckoutError> {
 
 /// `url` without the user-info part (`https://user:token@host/…` → `https://host/…`), for
 /// logs and for the workspace's `origin`, which the job can read.
-pub(super) fn without_credentials(url: &str) -> String {
+pub(crate) fn without_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // `host:path` and plain paths: `git@` names an ssh user, not a secret.
         return url.to_owned();

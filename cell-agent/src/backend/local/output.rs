@@ -17,7 +17,7 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
     clippy::disallowed_methods,
     reason = "event stamps are wall-clock times shown to users; nothing here decides by them"
 )]
-pub(super) fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

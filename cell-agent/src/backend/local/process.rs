@@ -52,7 +52,7 @@ impl Drop for ProcessGroup {
 
 /// Tells an attempt's task to stop (cancel, a newer fence, shutdown).
 #[derive(Debug)]
-pub(super) struct StopSignal(watch::Receiver<bool>);
+pub(crate) struct StopSignal(watch::Receiver<bool>);
 
 impl StopSignal {
     /// A signal and the sender that fires it.
@@ -68,11 +68,18 @@ impl StopSignal {
 
     /// Resolves once a stop is requested. A dropped sender counts as a stop: only the
     /// backend drops it, when it has given up on the attempt.
-    pub(super) async fn stopped(&mut self) {
+    pub(crate) async fn stopped(&mut self) {
         while !*self.0.borrow_and_update() {
             if self.0.changed().await.is_err() {
                 return;
             }
         }
+    }
+}
+
+impl From<watch::Receiver<bool>> for StopSignal {
+    /// A stop signal fired by `true` on the channel, or by dropping its sender.
+    fn from(receiver: watch::Receiver<bool>) -> Self {
+        Self(receiver)
     }
 }

@@ -13,7 +13,7 @@
 //! The network is shared with the host (jobs fetch dependencies), and jobs run as the agent's
 //! user: run the agent as a dedicated user, not root, for anything stronger than that.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -141,8 +141,12 @@ pub(super) fn bwrap_args(
 
 /// The first executable called `name` on the agent's `PATH`.
 pub(super) fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    find_in(&std::env::var_os("PATH")?, name)
+}
+
+/// The first executable called `name` in the directories of `path` (a `PATH` value).
+pub(super) fn find_in(path: &OsStr, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
 }

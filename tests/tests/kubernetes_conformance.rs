@@ -1,0 +1,735 @@
+//! The Kubernetes runner backend passes the runner conformance suite against a fake cluster:
+//! an in-process API server (the pod, Secret, log and watch endpoints the backend uses) with a
+//! fake kubelet that really runs each pod — the checkout init container and the job container
+//! execute the pod's own commands with the real `flotilla` binary, with the pod's volumes
+//! mapped to directories on this machine. Deleting a pod sends SIGTERM to the container's main
+//! process, SIGKILL after the grace period, and tears the container down (every process left
+//! in it dies) as a container runtime does.
+//!
+//! What it cannot show: gVisor, Pod Security admission, image pulls, scheduling. The mock API
+//! server tests in the cell agent crate cover those paths; docs/kubernetes.md has the opt-in
+//! run against a real cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_cell_agent::backend::conformance::{self, Harness, RepoFixture};
+use flotilla_cell_agent::backend::kubernetes::{KubeBackend, KubeConfig, render};
+use flotilla_core::ids::CellId;
+use flotilla_core::runner::{Checkout, RunnerBackend};
+use flotilla_core::{Fence, JobId};
+use flotilla_tests::flotilla_bin;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+    Pod, PodStatus, Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const NS: &str = "runners";
+
+fn now() -> Time {
+    Time(k8s_openapi::chrono::Utc::now())
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(serde_json::to_vec(body).expect("json")))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .expect("response")
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).expect("code"),
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                "message": message, "code": code}),
+    )
+}
+
+fn streaming(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let stream = ReceiverStream::new(rx).map(|b| Ok::<_, BoxError>(http_body::Frame::data(b)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(StreamBody::new(stream).boxed_unsync())
+        .expect("response")
+}
+
+/// A container's output as kubelet keeps it: everything written so far, and whether the
+/// container has exited.
+#[derive(Default)]
+struct Log {
+    data: Mutex<Vec<u8>>,
+    /// (bytes written, done)
+    progress: Option<watch::Sender<(usize, bool)>>,
+}
+
+impl Log {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            data: Mutex::default(),
+            progress: Some(watch::channel((0, false)).0),
+        })
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let len = {
+            let mut data = self.data.lock().expect("log");
+            data.extend_from_slice(bytes);
+            data.len()
+        };
+        if let Some(p) = &self.progress {
+            p.send_modify(|(n, _)| *n = len);
+        }
+    }
+
+    fn close(&self) {
+        if let Some(p) = &self.progress {
+            p.send_modify(|(_, done)| *done = true);
+        }
+    }
+
+    /// Streams the log from the start; with `follow`, until the container exits.
+    fn stream(self: &Arc<Self>, follow: bool) -> Response<Body> {
+        let (tx, rx) = mpsc::channel(64);
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            let mut progress = log.progress.as_ref().expect("progress").subscribe();
+            loop {
+                let chunk = {
+                    let data = log.data.lock().expect("log");
+                    data[sent..].to_vec()
+                };
+                if !chunk.is_empty() {
+                    sent += chunk.len();
+                    if tx.send(Bytes::from(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                let (len, done) = *progress.borrow_and_update();
+                if !follow || (done && len == sent) {
+                    return;
+                }
+                if len == sent && progress.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        streaming(rx)
+    }
+}
+
+struct PodEntry {
+    pod: Pod,
+    log: Arc<Log>,
+    /// Set when the API server has been asked to delete the pod: the grace period.
+    delete: watch::Sender<Option<Duration>>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    pods: BTreeMap<String, PodEntry>,
+    secrets: BTreeMap<String, Secret>,
+    watchers: Vec<mpsc::Sender<Bytes>>,
+}
+
+/// The fake cluster: API server and kubelet.
+#[derive(Clone)]
+struct FakeCluster {
+    state: Arc<Mutex<State>>,
+    root: PathBuf,
+}
+
+impl FakeCluster {
+    fn new(root: PathBuf) -> Self {
+        Self {
+            state: Arc::default(),
+            root,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pod_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Sends a watch event to every open watch. The caller holds the lock.
+    fn emit(state: &mut State, kind: &str, pod: &Pod) {
+        let mut line = serde_json::to_vec(&json!({"type": kind, "object": pod})).expect("json");
+        line.push(b'\n');
+        let line = Bytes::from(line);
+        state
+            .watchers
+            .retain(|w| w.try_send(line.clone()).is_ok() || !w.is_closed());
+    }
+
+    /// Changes a pod's status and tells the watchers.
+    fn update(&self, name: &str, change: impl FnOnce(&mut Pod)) {
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = state.rv.to_string();
+        let Some(entry) = state.pods.get_mut(name) else {
+            return;
+        };
+        change(&mut entry.pod);
+        entry.pod.metadata.resource_version = Some(rv);
+        let pod = entry.pod.clone();
+        Self::emit(&mut state, "MODIFIED", &pod);
+    }
+
+    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect_bytes().await.unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let pods = format!("/api/v1/namespaces/{NS}/pods");
+        let secrets = format!("/api/v1/namespaces/{NS}/secrets");
+        let rest = |prefix: &str| path.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'));
+        match (&parts.method, path.as_str()) {
+            (&Method::GET, p) if p == pods && query.contains("watch=true") => {
+                let (tx, rx) = mpsc::channel(1024);
+                self.lock().watchers.push(tx);
+                streaming(rx)
+            }
+            (&Method::GET, p) if p == pods => {
+                let state = self.lock();
+                let items: Vec<&Pod> = state.pods.values().map(|e| &e.pod).collect();
+                json_response(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "PodList",
+                            "metadata": {"resourceVersion": state.rv.to_string()}, "items": items}),
+                )
+            }
+            (&Method::POST, p) if p == pods => self.create_pod(&body),
+            (&Method::POST, p) if p == secrets => {
+                let secret: Secret = serde_json::from_slice(&body).expect("a Secret");
+                let name = secret.metadata.name.clone().expect("named");
+                let mut state = self.lock();
+                if state.secrets.contains_key(&name) {
+                    return status(409, "AlreadyExists", "secret exists");
+                }
+                state.secrets.insert(name, secret.clone());
+                json_response(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(secret).expect("json"),
+                )
+            }
+            (&Method::GET, _) if rest(&secrets).is_some() => {
+                let name = rest(&secrets).expect("checked");
+                match self.lock().secrets.get(name) {
+                    Some(s) => {
+                        json_response(StatusCode::OK, &serde_json::to_value(s).expect("json"))
+                    }
+                    None => status(404, "NotFound", "no such secret"),
+                }
+            }
+            (&Method::GET, _) if rest(&pods).is_some_and(|r| r.ends_with("/log")) => {
+                let name = rest(&pods).expect("checked").trim_end_matches("/log");
+                assert!(
+                    query.contains("container=job"),
+                    "only the job container is read: {query}"
+                );
+                let log = self.lock().pods.get(name).map(|e| e.log.clone());
+                match log {
+                    Some(log) => log.stream(query.contains("follow=true")),
+                    None => status(404, "NotFound", "no such pod"),
+                }
+            }
+            (&Method::GET, _) if rest(&pods).is_some() => {
+                let name = rest(&pods).expect("checked");
+                match self.lock().pods.get(name) {
+                    Some(e) => {
+                        json_response(StatusCode::OK, &serde_json::to_value(&e.pod).expect("json"))
+                    }
+                    None => status(404, "NotFound", "no such pod"),
+                }
+            }
+            (&Method::DELETE, _) if rest(&pods).is_some() => {
+                let name = rest(&pods).expect("checked").to_owned();
+                let params: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let grace = params["gracePeriodSeconds"].as_u64().unwrap_or(30);
+                let pod = {
+                    let state = self.lock();
+                    let Some(entry) = state.pods.get(&name) else {
+                        return status(404, "NotFound", "no such pod");
+                    };
+                    if entry.delete.borrow().is_none() {
+                        entry.delete.send_replace(Some(Duration::from_secs(grace)));
+                    }
+                    entry.pod.clone()
+                };
+                self.update(&name, |p| {
+                    p.metadata.deletion_timestamp.get_or_insert_with(now);
+                });
+                json_response(StatusCode::OK, &serde_json::to_value(pod).expect("json"))
+            }
+            (method, path) => panic!(
+                "the backend made a request the fake cluster does not serve: {method} {path}?{query}"
+            ),
+        }
+    }
+
+    fn create_pod(&self, body: &[u8]) -> Response<Body> {
+        let mut pod: Pod = serde_json::from_slice(body).expect("a Pod");
+        let name = pod.metadata.name.clone().expect("named");
+        let mut state = self.lock();
+        if state.pods.contains_key(&name) {
+            return status(409, "AlreadyExists", "pod exists");
+        }
+        state.rv += 1;
+        pod.metadata.uid = Some(format!("uid-{name}"));
+        pod.metadata.resource_version = Some(state.rv.to_string());
+        pod.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            ..PodStatus::default()
+        });
+        let (delete, deleted) = watch::channel(None);
+        state.pods.insert(
+            name.clone(),
+            PodEntry {
+                pod: pod.clone(),
+                log: Log::new(),
+                delete,
+            },
+        );
+        Self::emit(&mut state, "ADDED", &pod);
+        tokio::spawn(self.clone().kubelet(name, deleted));
+        json_response(
+            StatusCode::CREATED,
+            &serde_json::to_value(pod).expect("json"),
+        )
+    }
+
+    /// Runs one pod: waits for its Secret, runs the init containers that do work (install is
+    /// mapped, not copied), then the job container; honours deletion; removes the pod.
+    async fn kubelet(self, name: String, mut deleted: watch::Receiver<Option<Duration>>) {
+        let dir = self.pod_dir(&name);
+        for sub in ["spec", "workspace", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("pod dirs");
+        }
+        let pod = self
+            .lock()
+            .pods
+            .get(&name)
+            .map(|e| e.pod.clone())
+            .expect("pod");
+        // The spec volume: the kubelet mounts the Secret once it exists.
+        let spec = loop {
+            if deleted.borrow().is_some() {
+                return self.remove(&name);
+            }
+            if let Some(s) = self.lock().secrets.get(&name) {
+                break s.data.clone().expect("data")[render::SPEC_KEY].0.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        std::fs::write(dir.join("spec").join(render::SPEC_KEY), spec).expect("spec");
+        let pod_spec = pod.spec.clone().expect("spec");
+        for init in pod_spec.init_containers.iter().flatten() {
+            if init.name == render::INSTALL_CONTAINER {
+                continue; // /flotilla/bin/flotilla is mapped to the binary under test.
+            }
+            let (code, message) = self.run_container(&name, init, None, &mut deleted).await;
+            let state = ContainerStatus {
+                name: init.name.clone(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: code,
+                        reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+                        message,
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            };
+            self.update(&name, |p| {
+                let s = p.status.get_or_insert_default();
+                s.init_container_statuses
+                    .get_or_insert_default()
+                    .push(state);
+                if code != 0 {
+                    s.phase = Some("Failed".into());
+                }
+            });
+            if code != 0 || deleted.borrow().is_some() {
+                return self.finish_deletion(&name, &mut deleted).await;
+            }
+        }
+        let job = &pod_spec.containers[0];
+        let log = self
+            .lock()
+            .pods
+            .get(&name)
+            .map(|e| e.log.clone())
+            .expect("pod");
+        let (code, message) = self
+            .run_container(&name, job, Some(log.clone()), &mut deleted)
+            .await;
+        log.close();
+        self.update(&name, |p| {
+            let s = p.status.get_or_insert_default();
+            s.phase = Some(if code == 0 { "Succeeded" } else { "Failed" }.into());
+            s.container_statuses = Some(vec![ContainerStatus {
+                name: job.name.clone(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: code,
+                        reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+                        message,
+                        finished_at: Some(now()),
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]);
+        });
+        self.finish_deletion(&name, &mut deleted).await;
+    }
+
+    /// A finished pod stays until it is deleted; then it goes.
+    async fn finish_deletion(&self, name: &str, deleted: &mut watch::Receiver<Option<Duration>>) {
+        let _ = deleted.wait_for(Option::is_some).await;
+        self.remove(name);
+    }
+
+    fn remove(&self, name: &str) {
+        let _ = std::fs::remove_dir_all(self.pod_dir(name));
+        let mut state = self.lock();
+        state.secrets.remove(name); // Owned by the pod: garbage-collected with it.
+        if let Some(entry) = state.pods.remove(name) {
+            state.rv += 1;
+            let mut pod = entry.pod;
+            pod.metadata.resource_version = Some(state.rv.to_string());
+            Self::emit(&mut state, "DELETED", &pod);
+        }
+    }
+
+    /// Runs a container's command on this machine with the pod's volumes mapped to its
+    /// directories; returns the exit code and the termination message.
+    async fn run_container(
+        &self,
+        name: &str,
+        c: &Container,
+        log: Option<Arc<Log>>,
+        deleted: &mut watch::Receiver<Option<Duration>>,
+    ) -> (i32, Option<String>) {
+        let dir = self.pod_dir(name);
+        let term_file = dir.join(format!("{}.termination-log", c.name));
+        let map = |arg: &str| -> String {
+            for (inside, outside) in [
+                ("/usr/local/bin/flotilla", flotilla_bin().to_path_buf()),
+                ("/flotilla/bin/flotilla", flotilla_bin().to_path_buf()),
+                ("/flotilla/spec", dir.join("spec")),
+                ("/workspace", dir.join("workspace")),
+                ("/tmp", dir.join("tmp")),
+                ("/dev/termination-log", term_file.clone()),
+            ] {
+                if let Some(rest) = arg.strip_prefix(inside) {
+                    return format!("{}{rest}", outside.display());
+                }
+            }
+            arg.to_owned()
+        };
+        let command: Vec<String> = c.command.iter().flatten().map(|a| map(a)).collect();
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .current_dir(map(c.working_dir.as_deref().unwrap_or("/workspace")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for e in c.env.iter().flatten() {
+            cmd.env(&e.name, map(e.value.as_deref().unwrap_or("")));
+        }
+        let mut child = cmd.spawn().expect("start the container's command");
+        let pid = child.id().expect("pid");
+        if log.is_some() {
+            self.update(name, |p| {
+                let s = p.status.get_or_insert_default();
+                s.phase = Some("Running".into());
+                s.container_statuses = Some(vec![ContainerStatus {
+                    name: c.name.clone(),
+                    ready: true,
+                    started: Some(true),
+                    state: Some(ContainerState {
+                        running: Some(ContainerStateRunning {
+                            started_at: Some(now()),
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]);
+            });
+        }
+        let pipes = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ];
+        let mut readers = Vec::new();
+        for pipe in pipes.into_iter().flatten() {
+            let log = log.clone();
+            readers.push(tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut pipe = pipe;
+                let mut buf = vec![0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Some(log) = &log {
+                        log.append(&buf[..n]);
+                    }
+                }
+            }));
+        }
+        let exit = tokio::select! {
+            exit = child.wait() => exit.expect("wait"),
+            grace = async { *deleted.wait_for(Option::is_some).await.expect("pod entry").as_ref().expect("some") } => {
+                // SIGTERM to the container's main process, SIGKILL after the grace period.
+                signal(pid, "TERM");
+                match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(exit) => exit.expect("wait"),
+                    Err(_) => {
+                        kill_container(pid, &dir);
+                        child.wait().await.expect("wait")
+                    }
+                }
+            }
+        };
+        // The container is gone: so is every process still in it.
+        kill_container(pid, &dir);
+        for r in readers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
+        use std::os::unix::process::ExitStatusExt as _;
+        let code = exit
+            .code()
+            .unwrap_or_else(|| 128 + exit.signal().unwrap_or(9));
+        let message = std::fs::read_to_string(&term_file)
+            .ok()
+            .filter(|m| !m.is_empty());
+        (code, message)
+    }
+
+    /// Kills what every remaining pod runs (the shutdown case leaves pods running).
+    fn kill_everything(&self) {
+        let names: Vec<String> = self.lock().pods.keys().cloned().collect();
+        for name in names {
+            kill_container(0, &self.pod_dir(&name));
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// SIGKILLs the container: its main process, its descendants, and anything whose working
+/// directory is inside the pod (what a PID namespace would hold).
+fn kill_container(main: u32, pod_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let mut parents: HashMap<u32, u32> = HashMap::new();
+    let mut inside = Vec::new();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat"))
+            && let Some(after) = stat.rsplit_once(')').map(|(_, a)| a.to_owned())
+            && let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok())
+        {
+            parents.insert(pid, ppid);
+        }
+        if std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(pod_dir)) {
+            inside.push(pid);
+        }
+    }
+    let mut doomed = inside;
+    if main != 0 {
+        doomed.push(main);
+        let mut frontier = vec![main];
+        while let Some(p) = frontier.pop() {
+            for (child, parent) in &parents {
+                if *parent == p && !doomed.contains(child) {
+                    doomed.push(*child);
+                    frontier.push(*child);
+                }
+            }
+        }
+    }
+    for pid in doomed {
+        signal(pid, "KILL");
+    }
+}
+
+/// Live processes whose command line contains `marker`.
+fn processes_named(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn repo_fixture(root: &Path) -> RepoFixture {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).expect("dir");
+    git(&work, &["init", "--quiet", "--initial-branch=main"]);
+    std::fs::write(work.join("hello.txt"), "hello from the first commit\n").expect("write");
+    git(&work, &["add", "hello.txt"]);
+    git(&work, &["commit", "--quiet", "-m", "first"]);
+    let sha = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(work.join("hello.txt"), "changed later\n").expect("write");
+    git(&work, &["commit", "--quiet", "-am", "second"]);
+    git(root, &["clone", "--quiet", "--bare", "work", "origin.git"]);
+    RepoFixture {
+        checkout: Checkout {
+            repo_url: root.join("origin.git").to_string_lossy().into_owned(),
+            git_ref: "refs/heads/main".into(),
+            sha,
+        },
+        file: "hello.txt".into(),
+        contents: "hello from the first commit".into(),
+    }
+}
+
+struct Fake {
+    backend: Arc<KubeBackend>,
+    cluster: FakeCluster,
+    repo: RepoFixture,
+}
+
+impl Harness for Fake {
+    fn backend(&self) -> Arc<dyn RunnerBackend> {
+        self.backend.clone()
+    }
+
+    fn leftover_processes(&self, marker: &str) -> Option<usize> {
+        Some(processes_named(marker))
+    }
+
+    fn workspace_exists(&self, job: JobId, fence: Fence) -> Option<bool> {
+        let name = format!("flotilla-j{job}-a1-f{fence}");
+        Some(self.cluster.pod_dir(&name).join("workspace").exists())
+    }
+
+    fn repo(&self) -> Option<RepoFixture> {
+        Some(self.repo.clone())
+    }
+
+    fn runners_outlive_the_backend(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_backend_passes_the_runner_conformance_suite_on_a_fake_kubelet() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pods_root = tmp.path().join("pods");
+    std::fs::create_dir_all(&pods_root).expect("dir");
+    let repo_root = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo_root).expect("dir");
+    let repo = repo_fixture(&repo_root);
+    // Build the binary before the clock of any case starts.
+    let _ = flotilla_bin();
+    let cluster = FakeCluster::new(pods_root);
+    let service = tower::service_fn({
+        let cluster = cluster.clone();
+        move |req: Request<kube::client::Body>| {
+            let cluster = cluster.clone();
+            async move { Ok::<_, Infallible>(cluster.handle(req).await) }
+        }
+    });
+    let client = kube::Client::new(service, NS);
+    let cfg = KubeConfig {
+        namespace: NS.into(),
+        cancel_grace: Duration::from_secs(5),
+        ..KubeConfig::default()
+    };
+    let backend =
+        KubeBackend::new(client, cfg, CellId::new("fake").expect("cell")).expect("backend");
+    let fake = Fake {
+        backend: Arc::new(backend),
+        cluster: cluster.clone(),
+        repo,
+    };
+    let _cleanup = KillOnDrop(cluster);
+    conformance::run_all(&fake).await;
+}
+
+/// Kills what the pods still run when the test ends, passed or not.
+struct KillOnDrop(FakeCluster);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.kill_everything();
+    }
+}
