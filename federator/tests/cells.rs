@@ -12,6 +12,10 @@ use common::*;
 use flotilla_cell_agent::backend::{LocalBackend, LocalConfig};
 use flotilla_cell_agent::{Agent, AgentAuth, AgentConfig};
 use flotilla_core::ids::CellId;
+use flotilla_core::runner::{
+    Assignment, BoxFuture, RunnerBackend, RunnerError, RunnerEvent, RunnerEvents, RunnerInfo,
+};
+use flotilla_core::{Fence, JobId};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -80,6 +84,10 @@ impl Drop for Proxy {
 
 fn agent(c: &Cluster, cell: &str, federator: String, dir: &std::path::Path) -> Agent {
     let backend = LocalBackend::new(LocalConfig::new(dir.join(cell))).unwrap();
+    agent_on(c, cell, federator, Arc::new(backend))
+}
+
+fn agent_on(c: &Cluster, cell: &str, federator: String, backend: Arc<dyn RunnerBackend>) -> Agent {
     let mut config = AgentConfig::new(
         CellId::new(cell).unwrap(),
         vec![federator],
@@ -88,7 +96,83 @@ fn agent(c: &Cluster, cell: &str, federator: String, dir: &std::path::Path) -> A
     );
     config.reap_interval = Duration::from_millis(500);
     config.max_backoff = Duration::from_millis(300);
-    Agent::start(config, Arc::new(backend))
+    Agent::start(config, backend)
+}
+
+/// A backend whose runners outlive the agent, as kubernetes pods do: the local backend
+/// underneath, a shutdown that leaves it running, and a `recover` that hands the running
+/// attempts (and their events) to the next agent.
+#[derive(Debug)]
+struct Surviving {
+    local: LocalBackend,
+    sink: Arc<Relay>,
+    running: std::sync::Mutex<std::collections::HashMap<JobId, Assignment>>,
+}
+
+/// Forwards runner events to whichever agent currently holds the runners.
+#[derive(Default)]
+struct Relay(std::sync::Mutex<Option<Arc<dyn RunnerEvents>>>);
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Relay")
+    }
+}
+
+impl RunnerEvents for Relay {
+    fn event(&self, job: JobId, fence: Fence, event: RunnerEvent) {
+        let to = self.0.lock().unwrap().clone();
+        if let Some(to) = to {
+            to.event(job, fence, event);
+        }
+    }
+}
+
+impl RunnerBackend for Surviving {
+    fn name(&self) -> &'static str {
+        "surviving"
+    }
+
+    fn start(
+        &self,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        *self.sink.0.lock().unwrap() = Some(events);
+        self.running
+            .lock()
+            .unwrap()
+            .insert(assignment.job, assignment.clone());
+        self.local.start(assignment, self.sink.clone())
+    }
+
+    fn cancel(&self, job: JobId, fence: Fence) -> BoxFuture<'_, Result<(), RunnerError>> {
+        self.local.cancel(job, fence)
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, RunnerError>> {
+        self.local.list()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        *self.sink.0.lock().unwrap() = None;
+        Box::pin(async {})
+    }
+
+    fn recover(
+        &self,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<Vec<Assignment>, RunnerError>> {
+        *self.sink.0.lock().unwrap() = Some(events);
+        Box::pin(async move {
+            let live = self.local.list().await?;
+            let running = self.running.lock().unwrap();
+            Ok(live
+                .iter()
+                .filter_map(|info| running.get(&info.job).cloned())
+                .collect())
+        })
+    }
 }
 
 async fn wait_connected(c: &Cluster, cells: &[&str]) {
@@ -426,5 +510,54 @@ async fn an_agent_that_restarts_gets_its_lost_runners_retried_at_once() {
         "the retry must come from the reconnect, not from a lease expiry"
     );
     second.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_restarts_takes_over_runners_that_outlived_it_and_the_attempt_goes_on() {
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit(
+        "main",
+        &[(
+            ".ci.yaml",
+            "version: 1\ndefaults: { image: \"debian:12\" }\njobs:\n  slow: { run: \"sleep 2; echo finished\" }\n",
+        )],
+    );
+    c.project("web", &repo.url(), "github").await;
+    let backend = Arc::new(Surviving {
+        local: LocalBackend::new(LocalConfig::new(dir.path().join("cell-a"))).unwrap(),
+        sink: Arc::default(),
+        running: Default::default(),
+    });
+    let first = agent_on(&c, "cell-a", c.cells_addr(0), backend.clone());
+    wait_connected(&c, &["cell-a"]).await;
+    let (_, ack) = github_push(&c, 0, "web", "d-1", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    let build_id = ack["build_id"].as_str().unwrap().to_owned();
+    let jid = job_id(&c.loaded_build(&build_id).await, "slow");
+    while job(&c, &jid).await["status"] != "running" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The agent restarts while its runner keeps going (a pod survives an agent rollout):
+    // the new agent names the attempt in its hello, so the federator keeps it there.
+    first.shutdown().await;
+    let second = agent_on(&c, "cell-a", c.cells_addr(0), backend.clone());
+    let build = finished_build(&c, &build_id, Duration::from_secs(30)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+    let j = job(&c, &jid).await;
+    assert_eq!(
+        j["attempt"], 1,
+        "the attempt went on, it was not retried: {j}"
+    );
+    assert!(
+        logs(&c, &jid).await.contains("finished"),
+        "the new agent reported the runner's output"
+    );
+    second.shutdown().await;
+    backend.local.shutdown().await;
     c.shutdown().await;
 }

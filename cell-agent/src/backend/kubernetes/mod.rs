@@ -321,6 +321,26 @@ impl Inner {
             t.view.send_replace(view);
         }
         state.reaping.retain(|name| pods.contains_key(name));
+        if state.recovered && !state.closed {
+            // A relist is also the reaper's second chance: a pod whose delete failed, or
+            // that appeared while the watch was down, and that no attempt owns.
+            let owned: std::collections::HashSet<String> = state
+                .attempts
+                .values()
+                .chain(state.retiring.values())
+                .map(|t| t.pod_name.clone())
+                .collect();
+            let orphans: Vec<String> = pods
+                .keys()
+                .filter(|name| !owned.contains(*name) && !state.reaping.contains(*name))
+                .cloned()
+                .collect();
+            for name in orphans {
+                tracing::warn!(pod = %name, "Deleting a runner pod no attempt of this agent owns.");
+                state.reaping.insert(name.clone());
+                let _ = self.reap.send(name);
+            }
+        }
         state.pods = pods;
     }
 }
