@@ -165,7 +165,10 @@ impl Task {
                     break trouble_ending(kind, message, self.deadline(kind));
                 }
                 () = tokio::time::sleep_until(p.delete_deadline.unwrap_or(far)), if p.delete_deadline.is_some() => {
-                    break Ending { outcome: CANCELLED, message: Some("the cancelled pod did not go away in time; Kubernetes is still deleting it".into()) };
+                    let message = (!p.gone).then(|| {
+                        "the cancelled pod did not go away in time; Kubernetes is still deleting it".to_owned()
+                    });
+                    break Ending { outcome: CANCELLED, message };
                 }
             }
         };
@@ -397,8 +400,8 @@ impl Task {
         match self.inner.pods.delete(name, &params).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {
-                // Never created or already gone.
-                p.gone = p.seen;
+                // Already gone (it was created, or taken over, before this task got here).
+                p.gone = true;
                 p.delete_deadline = Some(Instant::now());
             }
             Err(e) => {
