@@ -502,13 +502,21 @@ async fn an_evicted_pod_fails_as_evicted() {
         .expect("accepted");
     expect_create(&mut server, &a).await;
     watch.push("ADDED", live_pod(&a, running())).await;
-    serve_log(&mut server, &a, true, &[]).await;
-    let evicted = PodStatus {
-        phase: Some("Failed".into()),
-        reason: Some("Evicted".into()),
-        message: Some("The node was low on resource: memory.".into()),
-        ..PodStatus::default()
-    };
+    // The kubelet's SIGTERM reaches the wrapper, which reports its job cancelled: in the
+    // log and in the termination message. That is not the job's result.
+    serve_log(
+        &mut server,
+        &a,
+        true,
+        &[Record::Finished {
+            ts: 40,
+            outcome: Outcome::Failed(FailureClass::Cancelled),
+        }],
+    )
+    .await;
+    let mut evicted = terminated(130, "Error", Some(Outcome::Failed(FailureClass::Cancelled)));
+    evicted.reason = Some("Evicted".into());
+    evicted.message = Some("The node was low on resource: memory.".into());
     watch.push("MODIFIED", live_pod(&a, evicted)).await;
     let (_, outcome) = events.wait_finished(a.job, a.fence, WAIT).await;
     assert_eq!(

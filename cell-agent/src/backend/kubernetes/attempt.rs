@@ -22,6 +22,11 @@ const LOG_DRAIN: Duration = Duration::from_secs(10);
 /// After asking for a cancelled pod's deletion, how long past its grace period to wait for
 /// it to go before reporting it cancelled anyway (Kubernetes will kill it regardless).
 const CANCEL_SLACK: Duration = Duration::from_secs(15);
+/// How far ahead of this clock a record's stamp may be before it is treated as forged.
+const FUTURE_SLACK_MS: u64 = 60_000;
+/// Longest log line kept whole; longer ones are split (a step can write anything, and an
+/// unbounded line would take the agent's memory with it).
+const MAX_LOG_LINE: usize = 256 * 1024;
 /// Pause before following the log again when the stream broke or could not open.
 const LOG_RETRY: Duration = Duration::from_secs(1);
 /// After a followed log ended while the pod still looks alive, how long to wait for the pod
@@ -117,10 +122,14 @@ impl Task {
         let mut view = self.view.clone();
         let mut cancel = self.cancel.clone();
         let mut stop = self.stop.clone();
+        // Re-read the pod only when something may have changed (not for every log line).
+        let mut dirty = true;
         let ending = loop {
-            let current = view.borrow_and_update().clone();
-            if let Some(ending) = self.evaluate(&name, current, &mut p).await {
-                break ending;
+            if std::mem::take(&mut dirty) {
+                let current = view.borrow_and_update().clone();
+                if let Some(ending) = self.evaluate(&name, current, &mut p).await {
+                    break ending;
+                }
             }
             let trouble_at = p
                 .trouble
@@ -133,6 +142,7 @@ impl Task {
                     if changed.is_err() {
                         return; // The backend forgot the attempt (shut down).
                     }
+                    dirty = true;
                 }
                 asked = async { cancel.wait_for(|c| *c).await.is_ok() }, if !p.deleting => {
                     if !asked {
@@ -140,6 +150,7 @@ impl Task {
                     }
                     p.deleting = true;
                     self.delete_for_cancel(&name, &mut p).await;
+                    dirty = true;
                 }
                 line = next_line(&mut p.log), if p.log.is_some() => {
                     match line {
@@ -148,6 +159,7 @@ impl Task {
                             tracing::debug!(job = %job, error = %e, "The pod log stream broke.");
                             p.log = None;
                             p.log_retry_at = Some(Instant::now() + LOG_RETRY);
+                            dirty = true;
                         }
                         None => {
                             // The API server ends a followed log when the container exits
@@ -156,10 +168,11 @@ impl Task {
                             p.log = None;
                             p.log_done = true;
                             p.log_retry_at = Some(Instant::now() + LOG_REFOLLOW);
+                            dirty = true;
                         }
                     }
                 }
-                () = tokio::time::sleep_until(p.log_retry_at.unwrap_or(far)), if p.log_retry_at.is_some() && p.log.is_none() => {}
+                () = tokio::time::sleep_until(p.log_retry_at.unwrap_or(far)), if p.log_retry_at.is_some() && p.log.is_none() => dirty = true,
                 () = tokio::time::sleep_until(trouble_at.unwrap_or(far)), if trouble_at.is_some() => {
                     let (_, kind, message) = p.trouble.clone().expect("deadline implies trouble");
                     break trouble_ending(kind, message, self.deadline(kind));
@@ -183,13 +196,20 @@ impl Task {
         if let (Some(logged), Outcome::Failed(FailureClass::Infra { .. })) =
             (p.logged_outcome, ending.outcome)
             && !p.deleting
+            && p.gone
+            && logged != CANCELLED
         {
-            // The wrapper finished and said how before the pod was torn down.
+            // The pod vanished before its status was seen, but the wrapper had finished and
+            // said how (a `Cancelled` here is the SIGTERM of the deletion, not a result).
             ending.outcome = logged;
         }
-        let reap = !p.gone;
+        if !p.started && needs_start(ending.outcome) {
+            // The job ran but ended between two looks: the job state machine only lets a
+            // started attempt succeed, fail a step or time out.
+            self.mark_started(&mut p, self.accepted_at_ms);
+        }
         tracing::info!(job = %job, fence = %fence, outcome = ?ending.outcome, "Attempt finished.");
-        self.finish(&name, ending, reap);
+        self.finish(&name, ending, !p.gone);
     }
 
     /// Creates the spec Secret's owner (the pod) and then the Secret. A pod that exists
@@ -335,7 +355,7 @@ impl Task {
             ..LogParams::default()
         };
         match self.inner.pods.log_stream(name, &params).await {
-            Ok(reader) => Some(Box::pin(reader.lines())),
+            Ok(reader) => Some(bounded_lines(reader, MAX_LOG_LINE)),
             Err(e) => {
                 tracing::debug!(pod = %name, error = %e, "Cannot follow the pod log yet.");
                 None
@@ -345,7 +365,21 @@ impl Task {
 
     fn on_log_line(&self, line: &str, p: &mut Progress) {
         let (job, fence) = (self.assignment.job, self.assignment.fence);
-        let record = Record::parse_line(line, now_ms());
+        let Ok(record) = serde_json::from_str::<Record>(line) else {
+            // Not a record (a loader error, something written around the wrapper): kept as a
+            // system line, stamped like the line before it so the order holds.
+            self.events.event(
+                job,
+                fence,
+                RunnerEvent::Line {
+                    stream: Stream::System,
+                    step: None,
+                    text: line.to_owned(),
+                    at_ms: p.last_ts.max(self.accepted_at_ms),
+                },
+            );
+            return;
+        };
         match record {
             Record::Started { ts } => {
                 if !p.started {
@@ -354,11 +388,13 @@ impl Task {
             }
             Record::Finished { outcome, .. } => p.logged_outcome = Some(outcome),
             Record::Line { ts, .. } => {
-                // After re-following from the last stamp, lines at or before it were read.
+                // After re-following from the last stamp, earlier lines were read already.
                 if ts < p.last_ts {
                     return;
                 }
-                p.last_ts = ts;
+                // A stamp far ahead of this clock is forged (steps can write to the wrapper's
+                // stdout): it must not hide the lines after it.
+                p.last_ts = ts.min(now_ms() + FUTURE_SLACK_MS);
                 self.events.event(job, fence, record.into_event());
             }
         }
@@ -489,6 +525,47 @@ fn terminated(pod: &Pod) -> bool {
                     && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
             })
         })
+}
+
+/// Lines of at most `max` bytes (longer ones split), invalid UTF-8 replaced: what a job can
+/// write cannot exhaust the agent's memory or wedge the reader.
+fn bounded_lines<R>(reader: R, max: usize) -> Lines
+where
+    R: futures::AsyncBufRead + Send + 'static,
+{
+    use futures::AsyncReadExt as _;
+    let reader = Box::pin(reader);
+    Box::pin(futures::stream::unfold(
+        reader,
+        move |mut reader| async move {
+            let mut buf = Vec::new();
+            let read = (&mut reader)
+                .take(max as u64)
+                .read_until(b'\n', &mut buf)
+                .await;
+            match read {
+                Ok(0) => None,
+                Ok(_) => {
+                    if buf.last() == Some(&b'\n') {
+                        buf.pop();
+                        if buf.last() == Some(&b'\r') {
+                            buf.pop();
+                        }
+                    }
+                    Some((Ok(String::from_utf8_lossy(&buf).into_owned()), reader))
+                }
+                Err(e) => Some((Err(e), reader)),
+            }
+        },
+    ))
+}
+
+/// Outcomes the job state machine accepts only from a started attempt.
+fn needs_start(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Succeeded | Outcome::Failed(FailureClass::Test { .. } | FailureClass::Timeout)
+    )
 }
 
 async fn next_line(log: &mut Option<Lines>) -> Option<std::io::Result<String>> {

@@ -7,7 +7,7 @@ use flotilla_core::job::{FailureClass, InfraReason, Outcome};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 use super::render::{CHECKOUT_CONTAINER, JOB_CONTAINER};
-use crate::runner::record::Termination;
+use crate::runner::record::{Termination, outcome_for_exit_code};
 
 /// What a pod says about its attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,33 +102,30 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
     let job = status
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.name == JOB_CONTAINER));
-    // A finished job container decides, whatever happens to the pod afterwards.
-    if let Some(ending) = job.and_then(job_ended) {
+    let job_ran = job
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some());
+    let from_outside = pod_ending(pod, deleting_by_us, phase, reason, &status_message, job_ran);
+    if let Some((ending, killed)) = job.and_then(job_ended) {
+        // A job that ended by itself (success, a failing step, its own timeout) keeps its
+        // result whatever happens to the pod afterwards. A job container that was killed
+        // (the wrapper reports `Cancelled` on SIGTERM; SIGKILL leaves no message) ended
+        // because of something outside it: the pod-level reason says what.
+        if killed && !deleting_by_us {
+            return Observation::Ended(from_outside.unwrap_or_else(|| {
+                Ending::new(
+                    EVICTED,
+                    "Kubernetes killed the job container (node shutdown or kubelet restart)"
+                        .to_owned(),
+                )
+            }));
+        }
         return Observation::Ended(ending);
     }
-    if pod.metadata.deletion_timestamp.is_some() && !deleting_by_us {
-        return Observation::Ended(Ending::new(
-            EVICTED,
-            "the runner pod was deleted by someone other than this agent (node drain, \
-             preemption or a manual delete)"
-                .to_owned(),
-        ));
+    if let Some(ending) = from_outside {
+        return Observation::Ended(ending);
     }
     if phase == "Failed" || phase == "Succeeded" {
-        if reason == "DeadlineExceeded" {
-            return Observation::Ended(Ending::new(
-                Outcome::Failed(FailureClass::Timeout),
-                "Kubernetes stopped the pod at its active deadline (the job's timeout plus \
-                 the startup allowance)"
-                    .to_owned(),
-            ));
-        }
-        if EVICTION_REASONS.contains(&reason) || disrupted(pod) {
-            return Observation::Ended(Ending::new(
-                EVICTED,
-                format!("the runner pod was evicted ({reason}): {status_message}"),
-            ));
-        }
         if let Some(ending) = init_failed(pod) {
             return Observation::Ended(ending);
         }
@@ -205,40 +202,96 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
     Observation::Waiting
 }
 
-/// The ending of a terminated job container. The wrapper's termination message is
-/// authoritative; without one (the wrapper was killed, or never started) the exit code and
-/// Kubernetes' reason decide.
-fn job_ended(c: &ContainerStatus) -> Option<Ending> {
+/// The ending of a terminated job container, and whether it was killed rather than ending by
+/// itself. The wrapper's termination message is authoritative; without one (the wrapper was
+/// killed, or never started) the exit code and Kubernetes' reason decide.
+fn job_ended(c: &ContainerStatus) -> Option<(Ending, bool)> {
     let t = c.state.as_ref()?.terminated.as_ref()?;
     let reason = t.reason.as_deref().unwrap_or("");
     if reason == "OOMKilled" {
-        return Some(Ending::new(
-            Outcome::Failed(FailureClass::Test {
-                exit_code: if t.exit_code == 0 { 137 } else { t.exit_code },
-            }),
-            "the job ran out of memory (OOMKilled): raise its resources.memory".to_owned(),
+        return Some((
+            Ending::new(
+                Outcome::Failed(FailureClass::Test {
+                    exit_code: if t.exit_code == 0 { 137 } else { t.exit_code },
+                }),
+                "the job ran out of memory (OOMKilled): raise its resources.memory".to_owned(),
+            ),
+            false,
         ));
     }
     if let Some(term) = t.message.as_deref().and_then(Termination::parse) {
-        return Some(Ending::new(term.outcome, term.message));
+        let killed = term.outcome == Outcome::Failed(FailureClass::Cancelled);
+        return Some((Ending::new(term.outcome, term.message), killed));
     }
+    // Killed by a signal (SIGKILL 137, SIGTERM 143) or lost with its node.
+    let killed = matches!(t.exit_code, 137 | 143) || reason == "ContainerStatusUnknown";
     match (t.exit_code, reason) {
-        (0, _) => Some(Ending::new(Outcome::Succeeded, None)),
-        (code, "Error" | "") => Some(Ending::new(
-            Outcome::Failed(FailureClass::Test { exit_code: code }),
-            None,
-        )),
+        (0, _) => Some((Ending::new(Outcome::Succeeded, None), false)),
+        (code, "Error" | "" | "ContainerStatusUnknown") => {
+            let outcome = outcome_for_exit_code(code);
+            let killed = killed || outcome == Outcome::Failed(FailureClass::Cancelled);
+            Some((Ending::new(outcome, None), killed))
+        }
         // ContainerCannotRun, StartError: the wrapper never ran (an image without a usable
         // filesystem for it, a binary it cannot execute).
-        (code, other) => Some(Ending::new(
-            CRASH,
-            format!(
-                "the job container could not run the Flotilla wrapper ({other}, exit code \
-                 {code}): {}",
-                t.message.as_deref().unwrap_or("no message")
+        (code, other) => Some((
+            Ending::new(
+                CRASH,
+                format!(
+                    "the job container could not run the Flotilla wrapper ({other}, exit code \
+                     {code}): {}",
+                    t.message.as_deref().unwrap_or("no message")
+                ),
             ),
+            false,
         )),
     }
+}
+
+/// What the pod itself says ended the attempt from outside the job: a deletion nobody here
+/// asked for, an eviction or preemption, the active deadline.
+fn pod_ending(
+    pod: &Pod,
+    deleting_by_us: bool,
+    phase: &str,
+    reason: &str,
+    status_message: &str,
+    job_ran: bool,
+) -> Option<Ending> {
+    if pod.metadata.deletion_timestamp.is_some() && !deleting_by_us {
+        return Some(Ending::new(
+            EVICTED,
+            "the runner pod was deleted by someone other than this agent (node drain, \
+             preemption or a manual delete)"
+                .to_owned(),
+        ));
+    }
+    let over = phase == "Failed" || phase == "Succeeded";
+    if over && reason == "DeadlineExceeded" {
+        return Some(if job_ran {
+            Ending::new(
+                Outcome::Failed(FailureClass::Timeout),
+                "Kubernetes stopped the pod at its active deadline (the job's timeout plus \
+                 the startup allowance)"
+                    .to_owned(),
+            )
+        } else {
+            // Queue time is not run time: a pod that never got to its steps did not time out.
+            Ending::new(
+                CRASH,
+                "the runner pod did not get to its job within the startup allowance (image \
+                 pulls or the checkout took too long)"
+                    .to_owned(),
+            )
+        });
+    }
+    if (over && EVICTION_REASONS.contains(&reason)) || disrupted(pod) {
+        return Some(Ending::new(
+            EVICTED,
+            format!("the runner pod was evicted ({reason}): {status_message}"),
+        ));
+    }
+    None
 }
 
 /// The ending of a pod whose init container failed: the checkout says why in its
@@ -421,8 +474,56 @@ mod tests {
                 CRASH,
             ),
             (
-                "the active deadline",
+                "the active deadline before the job ever ran",
                 pod("Failed", Some("DeadlineExceeded"), vec![], vec![]),
+                CRASH,
+            ),
+            (
+                "the active deadline while the job ran (the wrapper saw SIGTERM)",
+                pod(
+                    "Failed",
+                    Some("DeadlineExceeded"),
+                    vec![],
+                    job(terminated(
+                        130,
+                        "Error",
+                        term(Outcome::Failed(FailureClass::Cancelled), None),
+                    )),
+                ),
+                Outcome::Failed(FailureClass::Timeout),
+            ),
+            (
+                "an eviction that SIGKILLed the job container",
+                pod(
+                    "Failed",
+                    Some("Evicted"),
+                    vec![],
+                    job(terminated(137, "Error", None)),
+                ),
+                EVICTED,
+            ),
+            (
+                "a kill with no explanation on the pod (node shutdown)",
+                pod("Failed", None, vec![], job(terminated(143, "Error", None))),
+                EVICTED,
+            ),
+            (
+                "a job that failed by itself before its pod was evicted keeps its result",
+                pod(
+                    "Failed",
+                    Some("Evicted"),
+                    vec![],
+                    job(terminated(
+                        1,
+                        "Error",
+                        term(Outcome::Failed(FailureClass::Test { exit_code: 1 }), None),
+                    )),
+                ),
+                Outcome::Failed(FailureClass::Test { exit_code: 1 }),
+            ),
+            (
+                "exit 124 without a message is the wrapper's timeout",
+                pod("Failed", None, vec![], job(terminated(124, "Error", None))),
                 Outcome::Failed(FailureClass::Timeout),
             ),
             (
@@ -517,6 +618,20 @@ mod tests {
             Observation::Running {
                 started_at_ms: None
             }
+        );
+        // The wrapper then reports the SIGTERM as a cancel: ours is a cancel, theirs is not.
+        p.status.as_mut().expect("status").container_statuses = Some(vec![container(
+            JOB_CONTAINER,
+            terminated(
+                130,
+                "Error",
+                term(Outcome::Failed(FailureClass::Cancelled), None),
+            ),
+        )]);
+        assert_eq!(ended(observe(&p, false)), EVICTED);
+        assert_eq!(
+            ended(observe(&p, true)),
+            Outcome::Failed(FailureClass::Cancelled)
         );
     }
 
