@@ -511,6 +511,9 @@ impl Worker {
                     tracing::debug!(job = a.job, reason = %a.rejected, "Report refused.");
                 }
                 self.stats.acked.fetch_add(1, Ordering::Relaxed);
+                if a.state != pb::JobState::Running as i32 {
+                    self.backend.reported(JobId(a.job), Fence(a.fence));
+                }
                 if let Some(i) = self
                     .outbox
                     .iter()
@@ -592,30 +595,39 @@ impl Worker {
     /// first `Hello` names those attempts and the federator keeps them here instead of
     /// failing them as crashed.
     async fn recover(&mut self, stop: &mut watch::Receiver<bool>) {
-        let recovered = tokio::select! {
-            _ = stopped(stop) => return,
-            r = self.backend.recover(self.sink.clone()) => r,
-        };
-        match recovered {
-            Ok(assignments) => {
-                for a in assignments {
-                    tracing::info!(cell = %self.config.cell, job = %a.job, fence = %a.fence, "Resuming an attempt a previous agent started.");
-                    let log = self.open_log(&a);
-                    self.runs.insert(
-                        a.job,
-                        Run {
-                            assignment: a,
-                            delivered_at_ms: now_ms(),
-                            started_at_ms: None,
-                            revoked: false,
-                            log,
-                        },
-                    );
+        // Until it succeeds: saying hello without the runners that are still going would
+        // have the federator run their jobs a second time elsewhere.
+        let mut wait = Duration::from_millis(500);
+        let recovered = loop {
+            let r = tokio::select! {
+                _ = stopped(stop) => return,
+                r = self.backend.recover(self.sink.clone()) => r,
+            };
+            match r {
+                Ok(assignments) => break assignments,
+                Err(e) => {
+                    tracing::error!(cell = %self.config.cell, error = %e, retry_in = ?wait, "Cannot take over the runners a previous agent left; the agent connects once it can.");
+                    tokio::select! {
+                        _ = stopped(stop) => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(30));
                 }
             }
-            Err(e) => {
-                tracing::error!(cell = %self.config.cell, error = %e, "Cannot take over the runners a previous agent left; the federator will fail and re-place their jobs.");
-            }
+        };
+        for a in recovered {
+            tracing::info!(cell = %self.config.cell, job = %a.job, fence = %a.fence, "Resuming an attempt a previous agent started.");
+            let log = self.open_log(&a);
+            self.runs.insert(
+                a.job,
+                Run {
+                    assignment: a,
+                    delivered_at_ms: now_ms(),
+                    started_at_ms: None,
+                    revoked: false,
+                    log,
+                },
+            );
         }
     }
 

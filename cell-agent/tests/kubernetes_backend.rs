@@ -340,7 +340,10 @@ async fn serve_log(server: &mut ApiServer, a: &Assignment, follow: bool, records
     tx.send(record_lines(records)).await.expect("log open");
 }
 
-async fn expect_reaped(server: &mut ApiServer, a: &Assignment) {
+/// The finished pod is kept until the federator acknowledges the report, then deleted.
+async fn expect_reaped(server: &mut ApiServer, backend: &KubeBackend, a: &Assignment) {
+    server.expect_silence(Duration::from_millis(150)).await;
+    backend.reported(a.job, a.fence);
     let delete = server
         .expect(Method::DELETE, &pod_path(&render::pod_name(a)))
         .await;
@@ -415,7 +418,7 @@ async fn a_pod_that_runs_and_succeeds_reports_started_its_output_and_success_the
             .collect::<Vec<_>>(),
         vec![(Some(0), "hello"), (Some(0), "warning")]
     );
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
     assert!(backend.list().await.expect("list").is_empty());
     assert!(
         backend.api_budget().expect("kubernetes reports a budget") < config().pod_create_budget,
@@ -445,7 +448,7 @@ async fn a_non_zero_exit_is_a_test_failure_with_the_step_exit_code() {
         outcome,
         Outcome::Failed(FailureClass::Test { exit_code: 3 })
     );
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
 }
 
 #[tokio::test]
@@ -487,7 +490,7 @@ async fn an_image_that_cannot_be_pulled_past_the_deadline_fails_as_image_pull() 
             .any(|l| l.contains("Back-off pulling image")),
         "the job's log says why: {all:#?}"
     );
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
 }
 
 #[tokio::test]
@@ -525,7 +528,7 @@ async fn an_evicted_pod_fails_as_evicted() {
             reason: InfraReason::Evicted
         })
     );
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
 }
 
 #[tokio::test]
@@ -651,7 +654,7 @@ async fn an_agent_restart_adopts_the_existing_pod_instead_of_creating_a_second()
         .await;
     let (_, outcome) = events.wait_finished(a.job, a.fence, WAIT).await;
     assert_eq!(outcome, Outcome::Succeeded);
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
 }
 
 #[tokio::test]
@@ -706,7 +709,7 @@ async fn a_create_that_conflicts_takes_over_the_pod_that_exists() {
             .any(|(_, _, t)| t == "done"),
         "{all:#?}"
     );
-    expect_reaped(&mut server, &a).await;
+    expect_reaped(&mut server, &backend, &a).await;
 }
 
 #[tokio::test]
@@ -750,4 +753,39 @@ async fn shutdown_leaves_pods_running_for_the_next_agent_and_refuses_new_work() 
         "{refused:?}"
     );
     assert!(backend.list().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn a_spec_that_cannot_be_read_just_now_fails_recovery_without_deleting_the_pod() {
+    let a = job_assignment(13);
+    let existing = live_pod(&a, running());
+    let (backend, mut server) = setup();
+    let _watch = server.list_and_watch(std::slice::from_ref(&existing)).await;
+    let events = Collector::new();
+    let secret_path = format!("/api/v1/namespaces/{NS}/secrets/{}", render::pod_name(&a));
+    let first = tokio::spawn({
+        let backend = backend.clone();
+        let sink: Arc<dyn RunnerEvents> = events.clone();
+        async move { backend.recover(sink).await }
+    });
+    server
+        .expect(Method::GET, &secret_path)
+        .await
+        .respond(status_error(503, "ServiceUnavailable"));
+    let failed = first.await.expect("task");
+    assert!(matches!(failed, Err(RunnerError::Unavailable(_))), "{failed:?}");
+    // The pod may be a running job: nothing deletes it.
+    server.expect_silence(Duration::from_millis(200)).await;
+    // The agent tries again, and this time the spec is there.
+    let second = tokio::spawn({
+        let backend = backend.clone();
+        let sink: Arc<dyn RunnerEvents> = events.clone();
+        async move { backend.recover(sink).await }
+    });
+    let secret = render::spec_secret(&config(), &cell(), &a, Some("uid-13"));
+    server
+        .expect(Method::GET, &secret_path)
+        .await
+        .respond(once(StatusCode::OK, serde_json::to_value(secret).expect("json")));
+    assert_eq!(second.await.expect("task").expect("recovered"), vec![a]);
 }

@@ -200,6 +200,14 @@ pub trait RunnerBackend: Send + Sync + std::fmt::Debug + 'static {
         Box::pin(async { Ok(Vec::new()) })
     }
 
+    /// The federator has acknowledged the final report of `job`'s attempt under `fence`: a
+    /// backend that kept the finished runner as the durable record of its outcome (a
+    /// kubernetes pod, which a restarted agent could take over and report again) may now
+    /// delete it.
+    fn reported(&self, job: JobId, fence: Fence) {
+        let _ = (job, fence);
+    }
+
     /// Runner creations per second the backend can still afford (the cell's `api_budget`),
     /// or `None` when nothing limits it.
     fn api_budget(&self) -> Option<u32> {

@@ -239,6 +239,9 @@ impl Task {
                 });
             }
         };
+        if uid.is_none() {
+            inner.state().ownerless_secrets.insert(name.to_owned());
+        }
         let secret = render::spec_secret(&inner.cfg, &inner.cell, &self.assignment, uid.as_deref());
         match inner.secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => Ok(()),
@@ -470,7 +473,9 @@ impl Task {
             },
         );
         if reap {
-            self.inner.reap(name.to_owned());
+            // Kept until the federator has the report: it is the outcome's only durable
+            // record should this agent restart first.
+            self.inner.hold(job, fence, name.to_owned());
         }
     }
 }

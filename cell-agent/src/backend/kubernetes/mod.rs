@@ -37,11 +37,15 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 pub use client::{CreateMeter, ThrottleLayer};
 pub use config::{KubeConfig, KubeConfigError};
 
 use attempt::Mode;
+
+/// Longest a finished pod is kept waiting for the acknowledgement of its report.
+const HOLD_FINISHED: Duration = Duration::from_secs(600);
 
 /// How long `start` and `recover` wait for the watcher's first complete list of pods
 /// before refusing (the API server is unreachable).
@@ -96,6 +100,12 @@ struct State {
     retiring: HashMap<String, Tracked>,
     /// The watcher's view of the cell's pods, by name.
     pods: HashMap<String, Pod>,
+    /// Finished attempts whose pods are kept until the federator acknowledges their final
+    /// report (a restarted agent takes such a pod over and reports it again), with when
+    /// they finished.
+    awaiting: HashMap<(JobId, Fence), (String, Instant)>,
+    /// Spec Secrets created without an owner reference, deleted with their pods.
+    ownerless_secrets: std::collections::HashSet<String>,
     /// Pods being reaped, whose later updates are expected and ignored.
     reaping: std::collections::HashSet<String>,
     tasks: Vec<JoinHandle<()>>,
@@ -224,6 +234,13 @@ impl Inner {
             .chain(state.retiring.get(name))
     }
 
+    /// Keeps a finished attempt's pod until its report is acknowledged.
+    fn hold(&self, job: JobId, fence: Fence, name: String) {
+        self.state()
+            .awaiting
+            .insert((job, fence), (name, Instant::now()));
+    }
+
     /// Deletes a pod in the background (its Secret goes with it).
     fn reap(&self, name: String) {
         self.state().reaping.insert(name.clone());
@@ -289,7 +306,11 @@ impl Inner {
             Some(t) => {
                 t.view.send_replace(PodView::Present(Box::new(pod.clone())));
             }
-            None if state.recovered && !state.closed && !state.reaping.contains(&name) => {
+            None if state.recovered
+                && !state.closed
+                && !state.reaping.contains(&name)
+                && !state.awaiting.values().any(|(n, _)| *n == name) =>
+            {
                 tracing::warn!(pod = %name, "Deleting a runner pod no attempt of this agent owns.");
                 state.reaping.insert(name.clone());
                 let _ = self.reap.send(name.clone());
@@ -329,6 +350,7 @@ impl Inner {
                 .values()
                 .chain(state.retiring.values())
                 .map(|t| t.pod_name.clone())
+                .chain(state.awaiting.values().map(|(n, _)| n.clone()))
                 .collect();
             let orphans: Vec<String> = pods
                 .keys()
@@ -382,16 +404,47 @@ async fn watch_pods(inner: Arc<Inner>, ready: watch::Sender<bool>) {
     }
 }
 
-/// Deletes finished and orphaned pods, one at a time, with no grace period.
+/// Deletes finished and orphaned pods, one at a time, with no grace period; retries failed
+/// deletes with back-off; lets go of finished pods whose report was never acknowledged
+/// after [`HOLD_FINISHED`].
 async fn reap_pods(inner: Arc<Inner>, mut names: mpsc::UnboundedReceiver<String>) {
     let mut stop = inner.stop.subscribe();
+    let mut retry: std::collections::VecDeque<(Instant, String, u32)> = Default::default();
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = || Instant::now() + Duration::from_secs(3600);
     loop {
-        let name = tokio::select! {
+        let next_retry = retry.front().map(|(at, _, _)| *at);
+        let (name, attempt) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             name = names.recv() => match name {
-                Some(name) => name,
+                Some(name) => (name, 0),
                 None => break,
             },
+            () = tokio::time::sleep_until(next_retry.unwrap_or_else(far)), if next_retry.is_some() => {
+                let (_, name, attempt) = retry.pop_front().expect("a retry is due");
+                (name, attempt)
+            }
+            _ = sweep.tick() => {
+                let expired: Vec<String> = {
+                    let mut state = inner.state();
+                    let old: Vec<(JobId, Fence)> = state
+                        .awaiting
+                        .iter()
+                        .filter(|(_, (_, at))| at.elapsed() > HOLD_FINISHED)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    old.iter()
+                        .filter_map(|k| state.awaiting.remove(k))
+                        .map(|(name, _)| name)
+                        .collect()
+                };
+                for name in expired {
+                    tracing::warn!(pod = %name, "No acknowledgement of the attempt's report came; deleting its pod anyway.");
+                    inner.reap(name);
+                }
+                continue;
+            }
         };
         let params = DeleteParams {
             grace_period_seconds: Some(0),
@@ -402,8 +455,22 @@ async fn reap_pods(inner: Arc<Inner>, mut names: mpsc::UnboundedReceiver<String>
             Ok(_) => tracing::debug!(pod = %name, "Reaped a runner pod."),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
-                tracing::warn!(pod = %name, error = %e, "Could not delete a runner pod; it is retried when the watcher sees it again.");
-                inner.state().reaping.remove(&name);
+                let wait = Duration::from_millis(500 << attempt.min(6));
+                tracing::warn!(pod = %name, error = %e, retry_in = ?wait, "Could not delete a runner pod.");
+                retry.push_back((Instant::now() + wait, name, attempt + 1));
+                retry.make_contiguous().sort_by_key(|(at, _, _)| *at);
+                continue;
+            }
+        }
+        let ownerless = inner.state().ownerless_secrets.remove(&name);
+        if ownerless {
+            // Created without an owner (the pod's uid was unknown): not garbage-collected.
+            match inner.secrets.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    tracing::warn!(secret = %name, error = %e, "Could not delete a job spec Secret without an owner.");
+                }
             }
         }
     }
@@ -454,12 +521,18 @@ impl RunnerBackend for KubeBackend {
 
     fn cancel(&self, job: JobId, fence: Fence) -> BoxFuture<'_, Result<(), RunnerError>> {
         Box::pin(async move {
-            let state = self.inner.state();
-            if let Some(t) = state.attempts.get(&job)
-                && t.info.fence == fence
-            {
-                tracing::info!(job = %job, fence = %fence, "Cancelling attempt.");
-                t.cancel.send_replace(true);
+            let held = {
+                let mut state = self.inner.state();
+                if let Some(t) = state.attempts.get(&job)
+                    && t.info.fence == fence
+                {
+                    tracing::info!(job = %job, fence = %fence, "Cancelling attempt.");
+                    t.cancel.send_replace(true);
+                }
+                state.awaiting.remove(&(job, fence))
+            };
+            if let Some((name, _)) = held {
+                self.inner.reap(name); // Finished already; its pod is not needed any more.
             }
             Ok(())
         })
@@ -545,15 +618,29 @@ impl RunnerBackend for KubeBackend {
                         );
                         recovered.push(assignment);
                     }
-                    Err(why) => {
+                    Err(Unadoptable::Invalid(why)) => {
                         tracing::warn!(pod = %name, why = %why, "Deleting a runner pod that cannot be taken over.");
                         self.inner.reap(name);
+                    }
+                    Err(Unadoptable::Unreadable(why)) => {
+                        // Not now, but maybe on the agent's next try: never delete a pod
+                        // that may still be someone's running job because of a hiccup.
+                        return Err(RunnerError::Unavailable(format!(
+                            "cannot read runner pod {name}'s spec: {why}"
+                        )));
                     }
                 }
             }
             self.inner.state().recovered = true;
             Ok(recovered)
         })
+    }
+
+    fn reported(&self, job: JobId, fence: Fence) {
+        let held = self.inner.state().awaiting.remove(&(job, fence));
+        if let Some((name, _)) = held {
+            self.inner.reap(name);
+        }
     }
 
     fn api_budget(&self) -> Option<u32> {
@@ -564,33 +651,47 @@ impl RunnerBackend for KubeBackend {
 impl Inner {
     /// The assignment a left-over pod runs, read back from its spec Secret and checked
     /// against the pod's labels.
-    async fn adoptable(&self, name: &str) -> Result<Assignment, String> {
+    async fn adoptable(&self, name: &str) -> Result<Assignment, Unadoptable> {
         let labels = {
             let state = self.state();
-            let pod = state.pods.get(name).ok_or("the pod is gone")?;
+            let pod = state
+                .pods
+                .get(name)
+                .ok_or_else(|| Unadoptable::Invalid("the pod is gone".into()))?;
             pod.metadata.labels.clone().unwrap_or_default()
         };
         let secret = match self.secrets.get(name).await {
             Ok(s) => s,
             Err(kube::Error::Api(e)) if e.code == 404 => {
-                return Err("its spec Secret is missing".into());
+                return Err(Unadoptable::Invalid("its spec Secret is missing".into()));
             }
-            Err(e) => return Err(format!("cannot read its spec Secret: {e}")),
+            Err(e) => return Err(Unadoptable::Unreadable(e.to_string())),
         };
         let bytes = secret
             .data
             .as_ref()
             .and_then(|d| d.get(render::SPEC_KEY))
-            .ok_or("its spec Secret has no job spec")?;
+            .ok_or_else(|| Unadoptable::Invalid("its spec Secret has no job spec".into()))?;
         let a: Assignment = serde_json::from_slice(&bytes.0)
-            .map_err(|e| format!("its job spec does not parse: {e}"))?;
+            .map_err(|e| Unadoptable::Invalid(format!("its job spec does not parse: {e}")))?;
         let label = |key: &str| labels.get(key).map(String::as_str).unwrap_or("");
         if render::pod_name(&a) != name
             || label(render::LABEL_JOB) != a.job.to_string()
             || label(render::LABEL_FENCE) != a.fence.to_string()
         {
-            return Err("its job spec does not match its name and labels".into());
+            return Err(Unadoptable::Invalid(
+                "its job spec does not match its name and labels".into(),
+            ));
         }
         Ok(a)
     }
+}
+
+/// Why a left-over pod was not taken over.
+#[derive(Debug)]
+enum Unadoptable {
+    /// It never can be (no spec, a spec that does not match): delete it.
+    Invalid(String),
+    /// Its spec could not be read just now: try again later.
+    Unreadable(String),
 }
