@@ -773,7 +773,10 @@ async fn a_spec_that_cannot_be_read_just_now_fails_recovery_without_deleting_the
         .await
         .respond(status_error(503, "ServiceUnavailable"));
     let failed = first.await.expect("task");
-    assert!(matches!(failed, Err(RunnerError::Unavailable(_))), "{failed:?}");
+    assert!(
+        matches!(failed, Err(RunnerError::Unavailable(_))),
+        "{failed:?}"
+    );
     // The pod may be a running job: nothing deletes it.
     server.expect_silence(Duration::from_millis(200)).await;
     // The agent tries again, and this time the spec is there.
@@ -783,9 +786,9 @@ async fn a_spec_that_cannot_be_read_just_now_fails_recovery_without_deleting_the
         async move { backend.recover(sink).await }
     });
     let secret = render::spec_secret(&config(), &cell(), &a, Some("uid-13"));
-    server
-        .expect(Method::GET, &secret_path)
-        .await
-        .respond(once(StatusCode::OK, serde_json::to_value(secret).expect("json")));
+    server.expect(Method::GET, &secret_path).await.respond(once(
+        StatusCode::OK,
+        serde_json::to_value(secret).expect("json"),
+    ));
     assert_eq!(second.await.expect("task").expect("recovered"), vec![a]);
 }

@@ -272,25 +272,34 @@ impl FakeCluster {
                 let name = rest(&pods).expect("checked").to_owned();
                 let params: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let grace = params["gracePeriodSeconds"].as_u64().unwrap_or(30);
-                let pod = {
-                    let state = self.lock();
-                    let Some(entry) = state.pods.get(&name) else {
-                        return status(404, "NotFound", "no such pod");
-                    };
-                    if entry.delete.borrow().is_none() {
-                        entry.delete.send_replace(Some(Duration::from_secs(grace)));
+                match self.delete(&name, Duration::from_secs(grace)) {
+                    Some(pod) => {
+                        json_response(StatusCode::OK, &serde_json::to_value(pod).expect("json"))
                     }
-                    entry.pod.clone()
-                };
-                self.update(&name, |p| {
-                    p.metadata.deletion_timestamp.get_or_insert_with(now);
-                });
-                json_response(StatusCode::OK, &serde_json::to_value(pod).expect("json"))
+                    None => status(404, "NotFound", "no such pod"),
+                }
             }
             (method, path) => panic!(
                 "the backend made a request the fake cluster does not serve: {method} {path}?{query}"
             ),
         }
+    }
+
+    /// Deletes a pod as the API server does: a deletion timestamp now, the kubelet stops it
+    /// within `grace`, then it is gone.
+    fn delete(&self, name: &str, grace: Duration) -> Option<Pod> {
+        let pod = {
+            let state = self.lock();
+            let entry = state.pods.get(name)?;
+            if entry.delete.borrow().is_none() {
+                entry.delete.send_replace(Some(grace));
+            }
+            entry.pod.clone()
+        };
+        self.update(name, |p| {
+            p.metadata.deletion_timestamp.get_or_insert_with(now);
+        });
+        Some(pod)
     }
 
     fn create_pod(&self, body: &[u8]) -> Response<Body> {
@@ -328,27 +337,35 @@ impl FakeCluster {
     /// mapped, not copied), then the job container; honours deletion; removes the pod.
     async fn kubelet(self, name: String, mut deleted: watch::Receiver<Option<Duration>>) {
         let dir = self.pod_dir(&name);
-        for sub in ["spec", "workspace", "tmp"] {
-            std::fs::create_dir_all(dir.join(sub)).expect("pod dirs");
-        }
         let pod = self
             .lock()
             .pods
             .get(&name)
             .map(|e| e.pod.clone())
             .expect("pod");
-        // The spec volume: the kubelet mounts the Secret once it exists.
-        let spec = loop {
-            if deleted.borrow().is_some() {
-                return self.remove(&name);
-            }
-            if let Some(s) = self.lock().secrets.get(&name) {
-                break s.data.clone().expect("data")[render::SPEC_KEY].0.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        std::fs::write(dir.join("spec").join(render::SPEC_KEY), spec).expect("spec");
         let pod_spec = pod.spec.clone().expect("spec");
+        // Volumes: a directory each; Secret volumes filled with their items once the
+        // Secret exists (the kubelet retries the mount until then).
+        for volume in pod_spec.volumes.iter().flatten() {
+            let vdir = dir.join(&volume.name);
+            std::fs::create_dir_all(&vdir).expect("volume dir");
+            let Some(source) = &volume.secret else {
+                continue;
+            };
+            let secret_name = source.secret_name.clone().expect("secret name");
+            let data = loop {
+                if deleted.borrow().is_some() {
+                    return self.remove(&name);
+                }
+                if let Some(s) = self.lock().secrets.get(&secret_name) {
+                    break s.data.clone().expect("data");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            for item in source.items.iter().flatten() {
+                std::fs::write(vdir.join(&item.path), &data[&item.key].0).expect("secret item");
+            }
+        }
         for init in pod_spec.init_containers.iter().flatten() {
             if init.name == render::INSTALL_CONTAINER {
                 continue; // /flotilla/bin/flotilla is mapped to the binary under test.
@@ -441,16 +458,27 @@ impl FakeCluster {
     ) -> (i32, Option<String>) {
         let dir = self.pod_dir(name);
         let term_file = dir.join(format!("{}.termination-log", c.name));
+        // The container's filesystem: its volume mounts, the binary the install container
+        // would have copied, and the termination-message file.
+        let mut mounts: Vec<(String, PathBuf)> = vec![
+            (
+                "/usr/local/bin/flotilla".into(),
+                flotilla_bin().to_path_buf(),
+            ),
+            (
+                "/flotilla/bin/flotilla".into(),
+                flotilla_bin().to_path_buf(),
+            ),
+            ("/dev/termination-log".into(), term_file.clone()),
+        ];
+        for m in c.volume_mounts.iter().flatten() {
+            mounts.push((m.mount_path.clone(), dir.join(&m.name)));
+        }
         let map = |arg: &str| -> String {
-            for (inside, outside) in [
-                ("/usr/local/bin/flotilla", flotilla_bin().to_path_buf()),
-                ("/flotilla/bin/flotilla", flotilla_bin().to_path_buf()),
-                ("/flotilla/spec", dir.join("spec")),
-                ("/workspace", dir.join("workspace")),
-                ("/tmp", dir.join("tmp")),
-                ("/dev/termination-log", term_file.clone()),
-            ] {
-                if let Some(rest) = arg.strip_prefix(inside) {
+            for (inside, outside) in &mounts {
+                if let Some(rest) = arg.strip_prefix(inside.as_str())
+                    && (rest.is_empty() || rest.starts_with('/'))
+                {
                     return format!("{}{rest}", outside.display());
                 }
             }
@@ -690,17 +718,7 @@ impl Harness for Fake {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kubernetes_backend_passes_the_runner_conformance_suite_on_a_fake_kubelet() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pods_root = tmp.path().join("pods");
-    std::fs::create_dir_all(&pods_root).expect("dir");
-    let repo_root = tmp.path().join("repo");
-    std::fs::create_dir_all(&repo_root).expect("dir");
-    let repo = repo_fixture(&repo_root);
-    // Build the binary before the clock of any case starts.
-    let _ = flotilla_bin();
-    let cluster = FakeCluster::new(pods_root);
+fn fake_backend(cluster: &FakeCluster) -> KubeBackend {
     let service = tower::service_fn({
         let cluster = cluster.clone();
         move |req: Request<kube::client::Body>| {
@@ -714,8 +732,51 @@ async fn the_kubernetes_backend_passes_the_runner_conformance_suite_on_a_fake_ku
         cancel_grace: Duration::from_secs(5),
         ..KubeConfig::default()
     };
-    let backend =
-        KubeBackend::new(client, cfg, CellId::new("fake").expect("cell")).expect("backend");
+    KubeBackend::new(client, cfg, CellId::new("fake").expect("cell")).expect("backend")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_pod_deleted_by_someone_else_is_an_eviction_not_a_cancel() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = FakeCluster::new(tmp.path().to_path_buf());
+    let _cleanup = KillOnDrop(cluster.clone());
+    let _ = flotilla_bin();
+    let backend = fake_backend(&cluster);
+    let events = conformance::Collector::new();
+    let a = conformance::assignment(JobId(1), Fence(3), &["echo ready; sleep 300"]);
+    let sink: Arc<dyn flotilla_core::runner::RunnerEvents> = events.clone();
+    backend.start(a.clone(), sink).await.expect("accepted");
+    events
+        .wait_for_line(a.job, a.fence, "ready", Duration::from_secs(60))
+        .await;
+    // A node drain: the wrapper gets SIGTERM and stops its step, as it would for a cancel.
+    cluster
+        .delete(&render::pod_name(&a), Duration::from_secs(5))
+        .expect("the pod exists");
+    let (all, outcome) = events
+        .wait_finished(a.job, a.fence, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        outcome,
+        flotilla_core::job::Outcome::Failed(flotilla_core::job::FailureClass::Infra {
+            reason: flotilla_core::job::InfraReason::Evicted
+        }),
+        "{all:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_backend_passes_the_runner_conformance_suite_on_a_fake_kubelet() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pods_root = tmp.path().join("pods");
+    std::fs::create_dir_all(&pods_root).expect("dir");
+    let repo_root = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo_root).expect("dir");
+    let repo = repo_fixture(&repo_root);
+    // Build the binary before the clock of any case starts.
+    let _ = flotilla_bin();
+    let cluster = FakeCluster::new(pods_root);
+    let backend = fake_backend(&cluster);
     let fake = Fake {
         backend: Arc::new(backend),
         cluster: cluster.clone(),

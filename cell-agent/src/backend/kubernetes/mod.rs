@@ -670,7 +670,7 @@ impl Inner {
         let bytes = secret
             .data
             .as_ref()
-            .and_then(|d| d.get(render::SPEC_KEY))
+            .and_then(|d| d.get(render::ATTEMPT_KEY))
             .ok_or_else(|| Unadoptable::Invalid("its spec Secret has no job spec".into()))?;
         let a: Assignment = serde_json::from_slice(&bytes.0)
             .map_err(|e| Unadoptable::Invalid(format!("its job spec does not parse: {e}")))?;

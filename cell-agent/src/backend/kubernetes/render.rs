@@ -57,9 +57,14 @@ pub const INSTALL_CONTAINER: &str = "install";
 pub const CHECKOUT_CONTAINER: &str = "checkout";
 /// The key of the job spec in the Secret.
 pub const SPEC_KEY: &str = "job.json";
+/// The key of the whole assignment, checkout included, in the Secret: only the checkout
+/// init container mounts it, so a clone URL with credentials never reaches the job, and a
+/// restarted agent reads it back to take the pod over.
+pub const ATTEMPT_KEY: &str = "attempt.json";
 
 const BIN_DIR: &str = "/flotilla/bin";
 const SPEC_DIR: &str = "/flotilla/spec";
+const CHECKOUT_SPEC_DIR: &str = "/flotilla/checkout";
 const WORKSPACE: &str = "/workspace";
 const TMP: &str = "/tmp";
 /// Kubernetes' default `terminationMessagePath`.
@@ -122,7 +127,13 @@ pub fn spec_secret(
     a: &Assignment,
     owner_uid: Option<&str>,
 ) -> Secret {
-    let spec = serde_json::to_vec(a).expect("assignments always serialize");
+    let whole = serde_json::to_vec(a).expect("assignments always serialize");
+    // What the job sees: no checkout (the clone URL may carry a token).
+    let for_job = Assignment {
+        checkout: None,
+        ..a.clone()
+    };
+    let spec = serde_json::to_vec(&for_job).expect("assignments always serialize");
     Secret {
         metadata: ObjectMeta {
             name: Some(pod_name(a)),
@@ -142,7 +153,10 @@ pub fn spec_secret(
         },
         type_: Some("Opaque".into()),
         immutable: Some(true),
-        data: Some(BTreeMap::from([(SPEC_KEY.to_owned(), ByteString(spec))])),
+        data: Some(BTreeMap::from([
+            (SPEC_KEY.to_owned(), ByteString(spec)),
+            (ATTEMPT_KEY.to_owned(), ByteString(whole)),
+        ])),
         ..Secret::default()
     }
 }
@@ -177,7 +191,7 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
                 "runner",
                 "checkout",
                 "--spec",
-                &spec_arg,
+                &format!("{CHECKOUT_SPEC_DIR}/{SPEC_KEY}"),
                 "--workspace",
                 WORKSPACE,
                 "--timeout",
@@ -187,7 +201,7 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
             ])),
             env: Some(vec![env("HOME", TMP)]),
             volume_mounts: Some(vec![
-                mount("spec", SPEC_DIR, true),
+                mount("checkout-spec", CHECKOUT_SPEC_DIR, true),
                 mount("workspace", WORKSPACE, false),
                 mount("tmp", TMP, false),
             ]),
@@ -291,20 +305,8 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
                 empty_dir("flotilla-bin", None),
                 empty_dir("workspace", cfg.workspace_size_limit.clone()),
                 empty_dir("tmp", None),
-                Volume {
-                    name: "spec".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(name),
-                        items: Some(vec![KeyToPath {
-                            key: SPEC_KEY.into(),
-                            path: SPEC_KEY.into(),
-                            mode: None,
-                        }]),
-                        default_mode: Some(0o440),
-                        optional: Some(false),
-                    }),
-                    ..Volume::default()
-                },
+                secret_file("spec", &name, SPEC_KEY),
+                secret_file("checkout-spec", &name, ATTEMPT_KEY),
             ]),
             ..PodSpec::default()
         }),
@@ -384,6 +386,25 @@ fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
         mount_path: path.into(),
         read_only: read_only.then_some(true),
         ..VolumeMount::default()
+    }
+}
+
+/// A volume holding one key of the attempt's Secret as `job.json`, readable by the pod's
+/// group only.
+fn secret_file(volume: &str, secret: &str, key: &str) -> Volume {
+    Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: SPEC_KEY.into(),
+                mode: None,
+            }]),
+            default_mode: Some(0o440),
+            optional: Some(false),
+        }),
+        ..Volume::default()
     }
 }
 
@@ -682,9 +703,33 @@ mod tests {
         let secret = spec_secret(&KubeConfig::default(), &cell(), &a, Some("u-1"));
         let owner = &secret.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "u-1"));
-        let data = &secret.data.as_ref().expect("data")[SPEC_KEY];
-        let back: Assignment = serde_json::from_slice(&data.0).expect("json");
-        assert_eq!(back, a);
+        let data = secret.data.as_ref().expect("data");
+        let whole: Assignment = serde_json::from_slice(&data[ATTEMPT_KEY].0).expect("json");
+        assert_eq!(whole, a);
+        let for_job: Assignment = serde_json::from_slice(&data[SPEC_KEY].0).expect("json");
+        assert_eq!(
+            for_job.checkout, None,
+            "the clone URL never reaches the job"
+        );
+        assert_eq!(for_job.steps, a.steps);
+        // Only the checkout container mounts the whole assignment.
+        let pod = pod(&KubeConfig::default(), &cell(), &a);
+        let spec = pod.spec.expect("spec");
+        let mounts = |c: &k8s_openapi::api::core::v1::Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        assert!(!mounts(&spec.containers[0]).contains(&"checkout-spec".to_owned()));
+        let checkout = spec
+            .init_containers
+            .expect("init")
+            .into_iter()
+            .find(|c| c.name == CHECKOUT_CONTAINER)
+            .expect("checkout");
+        assert!(mounts(&checkout).contains(&"checkout-spec".to_owned()));
     }
 
     #[test]
