@@ -161,6 +161,16 @@ impl KubeConfig {
                 );
             }
         }
+        if self.startup_allowance < self.checkout_timeout + self.image_pull_deadline {
+            return bad(
+                "startup_allowance",
+                format!(
+                    "must be at least checkout_timeout + image_pull_deadline ({}), or a slow \
+                     pull and checkout would hit the pod's deadline before the job starts",
+                    humantime::format_duration(self.checkout_timeout + self.image_pull_deadline)
+                ),
+            );
+        }
         if self.cancel_grace > Duration::from_secs(3600) {
             return bad("cancel_grace", "must be at most 1h".into());
         }
@@ -223,7 +233,7 @@ fn default_cancel_grace() -> Duration {
 }
 
 fn default_startup_allowance() -> Duration {
-    Duration::from_secs(600)
+    Duration::from_secs(1200)
 }
 
 fn default_checkout_timeout() -> Duration {

@@ -661,7 +661,7 @@ mod tests {
         }
         let spec = pod.spec.as_ref().expect("spec");
         assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
-        assert_eq!(spec.active_deadline_seconds, Some(1800 + 600));
+        assert_eq!(spec.active_deadline_seconds, Some(1800 + 1200));
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         let job = &spec.containers[0];
         assert_eq!(job.image.as_deref(), Some("rust:1.83"));
