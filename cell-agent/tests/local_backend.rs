@@ -2,7 +2,7 @@
 //! unsandboxed), plus what only the local backend promises: sandbox isolation between jobs,
 //! refusing to run unsandboxed when the sandbox is required, and output handling.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use flotilla_cell_agent::backend::conformance::{
 };
 use flotilla_cell_agent::backend::local::{LocalBackend, LocalConfig, MAX_LINE_BYTES, SandboxMode};
 use flotilla_core::job::{FailureClass, InfraReason, Outcome};
-use flotilla_core::runner::{Checkout, RunnerBackend, RunnerEvent, RunnerEvents, Stream};
+use flotilla_core::runner::{RunnerBackend, RunnerEvent, RunnerEvents, Stream};
 use flotilla_core::{Fence, JobId};
 use tempfile::TempDir;
 
@@ -31,7 +31,7 @@ impl LocalHarness {
         config.sandbox = sandbox;
         let backend = Arc::new(LocalBackend::new(config).unwrap());
         let repos = TempDir::new().unwrap();
-        let repo = git_fixture(repos.path());
+        let repo = conformance::two_commit_repository(repos.path());
         Self {
             backend,
             repo: Some(repo),
@@ -46,7 +46,7 @@ impl Harness for LocalHarness {
     }
 
     fn leftover_processes(&self, marker: &str) -> Option<usize> {
-        Some(processes_named(marker))
+        Some(conformance::processes_named(marker))
     }
 
     fn workspace_exists(&self, job: JobId, fence: Fence) -> Option<bool> {
@@ -58,82 +58,16 @@ impl Harness for LocalHarness {
     }
 }
 
-/// Live processes whose command line contains `marker` (zombies have an empty one).
-fn processes_named(marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
-        .count()
-}
-
 /// Waits up to two seconds for the processes named `marker` to disappear (the kernel ends
 /// the processes of a PID namespace asynchronously); returns how many are left.
 async fn processes_gone(marker: &str) -> usize {
     for _ in 0..40 {
-        if processes_named(marker) == 0 {
+        if conformance::processes_named(marker) == 0 {
             return 0;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    processes_named(marker)
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=Flotilla Test",
-            "-c",
-            "user.email=test@example.com",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A bare repository with two commits on `main`; the fixture points at the first, whose
-/// `hello.txt` differs from the branch tip's, so only a checkout at the commit passes.
-fn git_fixture(root: &Path) -> RepoFixture {
-    let work = root.join("work");
-    let bare = root.join("origin.git");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("hello.txt"), "hello from the first commit\n").unwrap();
-    git(&work, &["add", "hello.txt"]);
-    git(&work, &["commit", "--quiet", "-m", "first"]);
-    let sha = git(&work, &["rev-parse", "HEAD"]);
-    std::fs::write(work.join("hello.txt"), "changed later\n").unwrap();
-    git(&work, &["commit", "--quiet", "-am", "second"]);
-    git(root, &["clone", "--quiet", "--bare", "work", "origin.git"]);
-    RepoFixture {
-        checkout: Checkout {
-            repo_url: bare.to_string_lossy().into_owned(),
-            git_ref: "refs/heads/main".to_owned(),
-            sha,
-        },
-        file: "hello.txt".to_owned(),
-        contents: "hello from the first commit".to_owned(),
-    }
+    conformance::processes_named(marker)
 }
 
 fn stdout_of(events: &[RunnerEvent]) -> Vec<String> {
@@ -240,7 +174,7 @@ async fn a_sandboxed_job_cannot_alter_the_shared_git_mirror() {
         return;
     }
     let repos = TempDir::new().unwrap();
-    let repo = git_fixture(repos.path());
+    let repo = conformance::two_commit_repository(repos.path());
     // The workspace reads its objects from the mirror; altering them would poison the
     // checkouts of every later job of the repository. The job tries every file it can find.
     let poison = "set +e\n\

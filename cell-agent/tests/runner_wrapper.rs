@@ -6,11 +6,11 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_cell_agent::backend::conformance::assignment;
+use flotilla_cell_agent::backend::conformance::git;
 use flotilla_cell_agent::runner::checkout::{self, CheckoutOptions};
 use flotilla_cell_agent::runner::exec::{self, ExecOptions};
 use flotilla_cell_agent::runner::install;
@@ -454,49 +454,6 @@ async fn an_unwritable_termination_log_is_reported_and_the_job_still_runs() {
 // ---------------------------------------------------------------------------------------
 // checkout
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=Flotilla Test",
-            "-c",
-            "user.email=test@example.com",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A bare repository with two commits on `main`; the checkout names the first, whose
-/// `hello.txt` differs from the tip's, so only a checkout of that very commit passes.
-fn repository(root: &Path) -> Checkout {
-    let work = root.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("hello.txt"), "hello from the first commit\n").unwrap();
-    git(&work, &["add", "hello.txt"]);
-    git(&work, &["commit", "--quiet", "-m", "first"]);
-    let sha = git(&work, &["rev-parse", "HEAD"]);
-    std::fs::write(work.join("hello.txt"), "changed later\n").unwrap();
-    git(&work, &["commit", "--quiet", "-am", "second"]);
-    git(root, &["clone", "--quiet", "--bare", "work", "origin.git"]);
-    Checkout {
-        repo_url: root.join("origin.git").display().to_string(),
-        git_ref: "refs/heads/main".to_owned(),
-        sha,
-    }
-}
-
 fn with_checkout(checkout: Checkout) -> Assignment {
     let mut a = job(&["true"]);
     a.checkout = Some(checkout);
@@ -705,4 +662,10 @@ fn install_into_a_path_that_cannot_be_a_directory_fails_with_125() {
         matches!(&records[..], [Record::Line { t, .. }] if t.starts_with("could not install")),
         "{records:?}"
     );
+}
+
+/// The two-commit repository of the conformance suite: only a checkout of its first commit
+/// has `hello.txt` as that commit wrote it.
+fn repository(root: &Path) -> Checkout {
+    flotilla_cell_agent::backend::conformance::two_commit_repository(root).checkout
 }

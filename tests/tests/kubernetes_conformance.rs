@@ -21,7 +21,7 @@ use bytes::Bytes;
 use flotilla_cell_agent::backend::conformance::{self, Harness, RepoFixture};
 use flotilla_cell_agent::backend::kubernetes::{KubeBackend, KubeConfig, render};
 use flotilla_core::ids::CellId;
-use flotilla_core::runner::{Checkout, RunnerBackend};
+use flotilla_core::runner::RunnerBackend;
 use flotilla_core::{Fence, JobId};
 use flotilla_tests::flotilla_bin;
 use http::{Method, Request, Response, StatusCode};
@@ -630,65 +630,6 @@ fn kill_container(main: u32, pod_dir: &Path) {
     }
 }
 
-/// Live processes whose command line contains `marker`.
-fn processes_named(marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
-        .count()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn repo_fixture(root: &Path) -> RepoFixture {
-    let work = root.join("work");
-    std::fs::create_dir_all(&work).expect("dir");
-    git(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("hello.txt"), "hello from the first commit\n").expect("write");
-    git(&work, &["add", "hello.txt"]);
-    git(&work, &["commit", "--quiet", "-m", "first"]);
-    let sha = git(&work, &["rev-parse", "HEAD"]);
-    std::fs::write(work.join("hello.txt"), "changed later\n").expect("write");
-    git(&work, &["commit", "--quiet", "-am", "second"]);
-    git(root, &["clone", "--quiet", "--bare", "work", "origin.git"]);
-    RepoFixture {
-        checkout: Checkout {
-            repo_url: root.join("origin.git").to_string_lossy().into_owned(),
-            git_ref: "refs/heads/main".into(),
-            sha,
-        },
-        file: "hello.txt".into(),
-        contents: "hello from the first commit".into(),
-    }
-}
-
 struct Fake {
     backend: Arc<KubeBackend>,
     cluster: FakeCluster,
@@ -701,7 +642,7 @@ impl Harness for Fake {
     }
 
     fn leftover_processes(&self, marker: &str) -> Option<usize> {
-        Some(processes_named(marker))
+        Some(conformance::processes_named(marker))
     }
 
     fn workspace_exists(&self, job: JobId, fence: Fence) -> Option<bool> {
@@ -772,7 +713,7 @@ async fn the_kubernetes_backend_passes_the_runner_conformance_suite_on_a_fake_ku
     std::fs::create_dir_all(&pods_root).expect("dir");
     let repo_root = tmp.path().join("repo");
     std::fs::create_dir_all(&repo_root).expect("dir");
-    let repo = repo_fixture(&repo_root);
+    let repo = conformance::two_commit_repository(&repo_root);
     // Build the binary before the clock of any case starts.
     let _ = flotilla_bin();
     let cluster = FakeCluster::new(pods_root);

@@ -247,6 +247,74 @@ pub fn assignment(job: JobId, fence: Fence, scripts: &[&str]) -> Assignment {
     }
 }
 
+/// How many live processes on this machine have `marker` in their command line (zombies
+/// have an empty one). For harnesses whose runners are processes here.
+pub fn processes_named(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+/// Runs the git CLI in `dir` as a test author; panics with git's message on failure.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=Flotilla Test",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare repository under `root` with two commits on `main`; the fixture names the first,
+/// whose `hello.txt` differs from the branch tip's, so only a checkout of that very commit
+/// passes. Needs `git` on `PATH`.
+pub fn two_commit_repository(root: &std::path::Path) -> RepoFixture {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).expect("create the work tree");
+    git(&work, &["init", "--quiet", "--initial-branch=main"]);
+    std::fs::write(work.join("hello.txt"), "hello from the first commit\n").expect("write");
+    git(&work, &["add", "hello.txt"]);
+    git(&work, &["commit", "--quiet", "-m", "first"]);
+    let sha = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(work.join("hello.txt"), "changed later\n").expect("write");
+    git(&work, &["commit", "--quiet", "-am", "second"]);
+    git(root, &["clone", "--quiet", "--bare", "work", "origin.git"]);
+    RepoFixture {
+        checkout: Checkout {
+            repo_url: root.join("origin.git").to_string_lossy().into_owned(),
+            git_ref: "refs/heads/main".to_owned(),
+            sha,
+        },
+        file: "hello.txt".to_owned(),
+        contents: "hello from the first commit".to_owned(),
+    }
+}
+
 /// A marker unique to this process and call, to find a case's processes by command line.
 pub fn unique_marker() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
