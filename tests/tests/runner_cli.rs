@@ -7,29 +7,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use flotilla_cell_agent::backend::conformance::assignment;
+use flotilla_cell_agent::backend::conformance::{assignment, processes_named};
 use flotilla_cell_agent::runner::record::{PROTOCOL_VERSION, Record, Termination};
 use flotilla_core::job::{FailureClass, Outcome};
 use flotilla_core::{Fence, JobId};
 use flotilla_tests::flotilla_bin;
-
-/// Live processes whose command line contains `marker`.
-fn processes_named(marker: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
-        .count()
-}
 
 /// Cleans up after a failed run: kills the wrapper and every process named with the
 /// test's marker (a PID-unique name only this test's steps carry).
