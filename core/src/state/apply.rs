@@ -9,7 +9,7 @@ use super::{
 };
 use crate::forge::ForgeEvent;
 use crate::ids::{BuildId, CellId, Fence, JobId, ProjectId};
-use crate::job::{InfraReason, JobError, JobEvent, JobPhase, JobRun, Outcome};
+use crate::job::{FailureClass, InfraReason, JobError, JobEvent, JobPhase, JobRun, Outcome};
 use crate::pipeline::JobSpec;
 
 type Reply = Result<Response, Rejection>;
@@ -122,6 +122,8 @@ impl State {
             provider: spec.provider,
             webhook_secret: spec.webhook_secret,
             pipeline_path: spec.pipeline_path,
+            tenant: spec.tenant,
+            weight: spec.weight.max(1),
             builds: 0,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
@@ -146,6 +148,12 @@ impl State {
         }
         if let Some(v) = patch.pipeline_path {
             p.pipeline_path = v;
+        }
+        if let Some(v) = patch.tenant {
+            p.tenant = v;
+        }
+        if let Some(v) = patch.weight {
+            p.weight = v.max(1);
         }
         p.updated_at_ms = now_ms;
         Ok(Response::Ok)
@@ -369,6 +377,8 @@ impl State {
                     finished_at_ms: None,
                     placed_at_ms: None,
                     runner: RunnerTimes::default(),
+                    boost: 0,
+                    avoid: None,
                     version: 1,
                 },
             );
@@ -519,6 +529,7 @@ impl State {
             .jobs
             .get_mut(&job)
             .ok_or_else(|| Rejection::NotFound(format!("job {job}")))?;
+        let from = j.run.cell().cloned();
         let phase = j
             .run
             .apply(JobEvent::Finished { fence, outcome })
@@ -526,9 +537,13 @@ impl State {
         j.version += 1;
         let build = j.build;
         if phase == JobPhase::Queued {
-            // Retried under the job's budget: a new attempt waits for a cell.
+            // Retried under the job's budget: a new attempt waits for a cell, preferably
+            // another one when the platform failed it there.
             j.queued_at_ms = Some(now_ms);
             j.started_at_ms = None;
+            if matches!(outcome, Outcome::Failed(FailureClass::Infra { .. })) {
+                j.avoid = from;
+            }
             events.push(Event::JobChanged(job));
             events.push(Event::JobsQueued(vec![job]));
         } else {
@@ -767,6 +782,7 @@ impl State {
             j.version += 1;
             j.started_at_ms = None;
             j.placed_at_ms = None;
+            j.avoid = Some(cell.clone());
             builds.insert(j.build);
             events.push(Event::JobChanged(id));
             events.push(Event::JobRevoked {

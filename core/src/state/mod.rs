@@ -100,6 +100,12 @@ pub struct Project {
     pub webhook_secret: String,
     /// Where the pipeline file is, relative to the repository root.
     pub pipeline_path: String,
+    /// The fair-share tenant it belongs to (an org or team grouping projects); `None` makes
+    /// the project its own tenant.
+    pub tenant: Option<String>,
+    /// Its tenant's share weight (≥ 1) when it is its own tenant; a group's weight is the
+    /// largest of its projects'.
+    pub weight: u32,
     /// Builds created so far for this project; the next build is number `builds + 1`.
     pub builds: u64,
     /// When it was created (ms since the Unix epoch).
@@ -312,6 +318,12 @@ pub struct Job {
     pub placed_at_ms: Option<u64>,
     /// What the runner reported about the current attempt's start (the cell's clock).
     pub runner: RunnerTimes,
+    /// Priority the platform added: raised each time it took an attempt back (a drain), so
+    /// the job goes ahead of work that has not been disturbed.
+    pub boost: u32,
+    /// The cell its last attempt was taken from (lost, drained, evicted): the next placement
+    /// prefers any other.
+    pub avoid: Option<CellId>,
     /// Bumped on every change.
     pub version: u64,
 }
@@ -410,6 +422,16 @@ pub struct ProjectSpec {
     pub webhook_secret: String,
     /// Pipeline file path.
     pub pipeline_path: String,
+    /// Fair-share tenant (group); `None`: the project is its own tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Fair-share weight, at least 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 /// Changes to a project; `None` keeps a field.
@@ -423,6 +445,10 @@ pub struct ProjectPatch {
     pub webhook_secret: Option<String>,
     /// New pipeline path.
     pub pipeline_path: Option<String>,
+    /// New tenant: `Some(None)` makes the project its own tenant again.
+    pub tenant: Option<Option<String>>,
+    /// New weight.
+    pub weight: Option<u32>,
 }
 
 /// What loading a build's pipeline came to, decided by the leader outside `apply` (it reads

@@ -14,6 +14,8 @@ fn project(id: &str) -> ProjectSpec {
         provider: Provider::Github,
         webhook_secret: "s3cret".into(),
         pipeline_path: ".ci.yaml".into(),
+        tenant: None,
+        weight: 1,
     }
 }
 

@@ -71,6 +71,23 @@ fn check_pipeline_path(p: &str) -> Result<(), Problem> {
     Ok(())
 }
 
+/// A tenant name: like a project id (a slug).
+fn check_tenant(t: &str) -> Result<String, Problem> {
+    ProjectId::new(t)
+        .map(|id| id.to_string())
+        .map_err(|e| Problem::bad_request(format!("tenant: {e}")))
+}
+
+fn check_weight(w: u32) -> Result<u32, Problem> {
+    if (1..=1000).contains(&w) {
+        Ok(w)
+    } else {
+        Err(Problem::bad_request(format!(
+            "weight {w} must be between 1 and 1000"
+        )))
+    }
+}
+
 fn provider(s: &str) -> Result<Provider, Problem> {
     Provider::parse(s).ok_or_else(|| {
         Problem::bad_request(format!(
@@ -141,6 +158,8 @@ pub(super) async fn create_project(
         provider: provider(&req.provider)?,
         webhook_secret: req.webhook_secret,
         pipeline_path,
+        tenant: req.tenant.map(|t| check_tenant(&t)).transpose()?,
+        weight: check_weight(req.weight.unwrap_or(1))?,
     };
     app.propose(Command::CreateProject {
         spec,
@@ -202,6 +221,17 @@ pub(super) async fn update_project(
         provider: req.provider.as_deref().map(provider).transpose()?,
         webhook_secret: req.webhook_secret,
         pipeline_path: req.pipeline_path,
+        tenant: req
+            .tenant
+            .map(|t| {
+                if t.is_empty() {
+                    Ok(None)
+                } else {
+                    check_tenant(&t).map(Some)
+                }
+            })
+            .transpose()?,
+        weight: req.weight.map(check_weight).transpose()?,
     };
     let now_ms = app.now_ms();
     app.propose(Command::UpdateProject {

@@ -26,6 +26,10 @@ pub(super) struct ProjectView {
     pub webhook_path: Option<String>,
     /// Builds created so far.
     pub builds: u64,
+    /// The fair-share tenant it is placed under (its own id unless grouped).
+    pub tenant: String,
+    /// Its share weight.
+    pub weight: u32,
     /// Creation time.
     pub created_at: String,
     /// Last change.
@@ -43,6 +47,8 @@ impl ProjectView {
             pipeline_path: p.pipeline_path.clone(),
             webhook_path: (provider != "git").then(|| format!("/webhooks/{provider}/{}", p.id)),
             builds: p.builds,
+            tenant: p.tenant.clone().unwrap_or_else(|| p.id.to_string()),
+            weight: p.weight,
             created_at: rfc3339(p.created_at_ms),
             updated_at: rfc3339(p.updated_at_ms),
         }
@@ -64,6 +70,14 @@ pub(super) struct CreateProject {
     /// Pipeline file path (default `.ci.yaml`).
     #[serde(default)]
     pub pipeline_path: Option<String>,
+    /// The fair-share tenant (an org or team) whose share the project's jobs count against;
+    /// default: the project is its own tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Share weight, 1–1000 (default 1): a tenant of weight 2 gets twice the runners of a
+    /// tenant of weight 1 when both have work waiting.
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// `PATCH /projects/{id}`: fields to change.
@@ -78,6 +92,10 @@ pub(super) struct UpdateProject {
     pub webhook_secret: Option<String>,
     /// New pipeline path.
     pub pipeline_path: Option<String>,
+    /// New fair-share tenant; `""` makes the project its own tenant again.
+    pub tenant: Option<String>,
+    /// New share weight.
+    pub weight: Option<u32>,
 }
 
 /// `POST /projects/{id}/builds`.
