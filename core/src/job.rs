@@ -281,9 +281,13 @@ pub struct RetriesUsed {
 }
 
 /// Whether an attempt that failed with `class` is retried, given the retries already `used`
-/// and the job's `policy`. `Timeout`, `Cancelled` and `Config` never are.
+/// and the job's `policy`. `Timeout`, `Cancelled` and `Config` never are. A drain always is,
+/// and costs no budget: an operator taking a cell out of service must not fail anyone's job.
 pub fn should_retry(class: FailureClass, used: RetriesUsed, policy: RetryPolicy) -> bool {
     match class {
+        FailureClass::Infra {
+            reason: InfraReason::Drained,
+        } => true,
         FailureClass::Infra { .. } => used.infra < policy.infra,
         FailureClass::Test { .. } => used.test < policy.test,
         FailureClass::Timeout | FailureClass::Cancelled | FailureClass::Config => false,
@@ -503,6 +507,9 @@ impl JobRun {
         self.failure = Some(class);
         if transition == Transition::Requeue {
             match class {
+                FailureClass::Infra {
+                    reason: InfraReason::Drained,
+                } => {}
                 FailureClass::Infra { .. } => self.retries.infra += 1,
                 _ => self.retries.test += 1,
             }
@@ -655,6 +662,29 @@ mod tests {
             job.failure().map(|f| f.to_string()).as_deref(),
             Some("Infra{RunnerCrash}")
         );
+    }
+
+    #[test]
+    fn a_drain_requeues_the_job_without_spending_its_infra_budget() {
+        let no_budget = RetryPolicy { infra: 0, test: 0 };
+        let drained = FailureClass::Infra {
+            reason: InfraReason::Drained,
+        };
+        assert!(should_retry(drained, RetriesUsed::default(), no_budget));
+        let mut run = JobRun::new(no_budget);
+        run.apply(JobEvent::DepsSatisfied).unwrap();
+        for fence in 1..=3 {
+            run.apply(placed(fence)).unwrap();
+            assert_eq!(
+                run.apply(JobEvent::LeaseLost {
+                    reason: InfraReason::Drained
+                }),
+                Ok(JobPhase::Queued),
+                "drain {fence}"
+            );
+        }
+        assert_eq!(run.retries(), RetriesUsed::default());
+        assert_eq!(run.attempt().get(), 4);
     }
 
     #[test]

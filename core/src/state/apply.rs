@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    Applied, Build, BuildStatus, CancelReason, Cell, CellSpec, CellState, Command,
+    Applied, Build, BuildStatus, CancelReason, Cell, CellChange, CellSpec, CellState, Command,
     DELIVERY_RETENTION_MS, Delivery, DeliveryKey, Event, Job, Project, ProjectPatch, ProjectSpec,
     Rejection, Resolution, Response, RunnerTimes, State,
 };
@@ -92,6 +92,12 @@ impl State {
                 last_seen_ms,
                 now_ms,
             } => self.expire_leases(&cell, last_seen_ms, now_ms, &mut events),
+            Command::SetCellState {
+                cell,
+                change,
+                now_ms: _,
+            } => self.set_cell_state(&cell, change, &mut events),
+            Command::FinishDrain { cell, now_ms } => self.finish_drain(&cell, now_ms, &mut events),
             Command::AnnounceCellEndpoint { node_id, addr } => {
                 self.cell_endpoints.insert(node_id, addr);
                 Ok(Response::Ok)
@@ -767,22 +773,91 @@ impl State {
             c.state = CellState::Lost;
             events.push(Event::CellChanged(cell.clone()));
         }
+        self.take_back(cell, InfraReason::CellLost, now_ms, events);
+        Ok(Response::Ok)
+    }
+
+    fn set_cell_state(
+        &mut self,
+        cell: &CellId,
+        change: CellChange,
+        events: &mut Vec<Event>,
+    ) -> Reply {
+        let c = self
+            .cells
+            .get_mut(cell)
+            .ok_or_else(|| Rejection::NotFound(format!("cell `{cell}`")))?;
+        let next = match (change, c.state) {
+            // A lost cell's jobs are gone already; it becomes active when its agent returns.
+            // Cordoning it still makes sense: it then stays out of service when it does.
+            (CellChange::Uncordon | CellChange::Drain { .. }, CellState::Lost) => {
+                return Err(Rejection::Conflict(format!(
+                    "cell `{cell}` is lost: it takes work again when its agent reconnects \
+                     (cordon it to keep it out of service then)"
+                )));
+            }
+            (CellChange::Cordon, _) => CellState::Cordoned,
+            (CellChange::Uncordon, _) => CellState::Active,
+            (CellChange::Drain { deadline_ms }, _) => CellState::Draining { deadline_ms },
+        };
+        if c.state != next {
+            c.state = next;
+            events.push(Event::CellChanged(cell.clone()));
+        }
+        Ok(Response::Ok)
+    }
+
+    fn finish_drain(&mut self, cell: &CellId, now_ms: u64, events: &mut Vec<Event>) -> Reply {
+        let c = self
+            .cells
+            .get_mut(cell)
+            .ok_or_else(|| Rejection::NotFound(format!("cell `{cell}`")))?;
+        match c.state {
+            CellState::Draining { deadline_ms } if now_ms >= deadline_ms => {}
+            CellState::Draining { deadline_ms } => {
+                return Err(Rejection::Conflict(format!(
+                    "cell `{cell}` drains until {deadline_ms}, not {now_ms}"
+                )));
+            }
+            other => {
+                return Err(Rejection::Conflict(format!(
+                    "cell `{cell}` is {}, not draining",
+                    other.as_str()
+                )));
+            }
+        }
+        c.state = CellState::Cordoned;
+        events.push(Event::CellChanged(cell.clone()));
+        self.take_back(cell, InfraReason::Drained, now_ms, events);
+        Ok(Response::Ok)
+    }
+
+    /// Takes every attempt `cell` holds away from it for `reason`: each job is re-queued with
+    /// a new attempt (or fails, once its infra budget is spent), avoids the cell next time,
+    /// and goes ahead of undisturbed work after a drain; the cell is told to kill them.
+    fn take_back(
+        &mut self,
+        cell: &CellId,
+        reason: InfraReason,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
         let held: Vec<JobId> = self.jobs_on(cell).map(|j| j.id).collect();
         let mut requeued = Vec::new();
         let mut builds = BTreeSet::new();
         for id in held {
             let j = self.jobs.get_mut(&id).expect("listed above");
             let fence = j.run.fence().expect("a job on a cell has a fence");
-            let lost = JobEvent::LeaseLost {
-                reason: InfraReason::CellLost,
-            };
-            let Ok(phase) = j.run.apply(lost) else {
+            let Ok(phase) = j.run.apply(JobEvent::LeaseLost { reason }) else {
                 continue;
             };
             j.version += 1;
             j.started_at_ms = None;
             j.placed_at_ms = None;
             j.avoid = Some(cell.clone());
+            if reason == InfraReason::Drained {
+                j.boost += 1;
+            }
             builds.insert(j.build);
             events.push(Event::JobChanged(id));
             events.push(Event::JobRevoked {
@@ -804,7 +879,6 @@ impl State {
         for b in builds {
             self.refresh_build(b, now_ms, events);
         }
-        Ok(Response::Ok)
     }
 
     fn prune_deliveries(&mut self, now_ms: u64) {

@@ -373,6 +373,20 @@ impl CellState {
     }
 }
 
+/// What an operator does to a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CellChange {
+    /// No new work; running jobs carry on.
+    Cordon,
+    /// Takes new work again (from `Cordoned` or `Draining`).
+    Uncordon,
+    /// No new work; jobs still there at the deadline are re-queued elsewhere.
+    Drain {
+        /// When (ms since the Unix epoch).
+        deadline_ms: u64,
+    },
+}
+
 /// A registered cell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
@@ -617,6 +631,24 @@ pub enum Command {
         /// The cell's `last_seen_ms` when the leader decided: refused if the cell has
         /// registered again since (its agent came back while this entry was in flight).
         last_seen_ms: u64,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// An operator changes whether a cell takes work (ARCHITECTURE §7).
+    SetCellState {
+        /// The cell.
+        cell: CellId,
+        /// The change.
+        change: CellChange,
+        /// Leader time.
+        now_ms: u64,
+    },
+    /// A draining cell reached its deadline: every job still on it is re-queued as
+    /// `Infra{Drained}` with a new attempt and fence, ahead of undisturbed work, and the cell
+    /// stays out of service (`Cordoned`). Refused before the deadline.
+    FinishDrain {
+        /// The cell.
+        cell: CellId,
         /// Leader time.
         now_ms: u64,
     },

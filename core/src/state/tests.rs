@@ -750,3 +750,118 @@ fn a_cell_that_registered_again_is_not_expired_by_an_entry_decided_before() {
     assert_eq!(w.state.cells[&cell].state, CellState::Active);
     assert_eq!(w.phase(b, "a"), JobPhase::Leased);
 }
+
+#[test]
+fn a_draining_cell_takes_no_new_work_lets_jobs_finish_and_hands_the_rest_back_at_its_deadline() {
+    let mut w = World::new();
+    w.register("eu-2");
+    let b = w.build_with(
+        "version: 1\njobs:\n  quick: { run: 'true', retry: { infra: 0 } }\n  slow: { run: 'true', retry: { infra: 0 } }\n  later: { run: 'true' }\n",
+        None,
+    );
+    let cell = CellId::new("eu-1").unwrap();
+    let mut fences = BTreeMap::new();
+    for name in ["quick", "slow"] {
+        let fence = w.place(b, name);
+        let job = w.job(b, name).id;
+        let now_ms = w.now;
+        w.ok(Command::JobStarted {
+            job,
+            fence,
+            runner: RunnerTimes::default(),
+            now_ms,
+        });
+        fences.insert(name, (job, fence));
+    }
+    let deadline_ms = w.now + 1_000;
+    let now_ms = w.now;
+    let applied = w.ok(Command::SetCellState {
+        cell: cell.clone(),
+        change: CellChange::Drain { deadline_ms },
+        now_ms,
+    });
+    assert_eq!(
+        w.state.cells[&cell].state,
+        CellState::Draining { deadline_ms }
+    );
+    assert!(applied.events.contains(&Event::CellChanged(cell.clone())));
+
+    // No new work goes there.
+    let later = w.job(b, "later").id;
+    let refused = w.apply(Command::PlaceJobs {
+        placements: vec![Placement {
+            job: later,
+            cell: cell.clone(),
+            lease_expires_at_ms: 0,
+        }],
+        now_ms,
+    });
+    assert!(refused.events.is_empty(), "placed on a draining cell");
+    // Too early to hand anything back.
+    let early = w.apply(Command::FinishDrain {
+        cell: cell.clone(),
+        now_ms: deadline_ms - 1,
+    });
+    assert!(matches!(early.response, Response::Rejected(_)), "{early:?}");
+    // A job that ends before the deadline is not disturbed.
+    let (quick, quick_fence) = fences["quick"];
+    w.ok(Command::JobFinished {
+        job: quick,
+        fence: quick_fence,
+        outcome: Outcome::Succeeded,
+        now_ms,
+    });
+    assert_eq!(w.phase(b, "quick"), JobPhase::Succeeded);
+
+    // At the deadline the rest is re-queued — even with no infra budget left — ahead of
+    // undisturbed work, elsewhere, and revoked on the drained cell.
+    let (slow, slow_fence) = fences["slow"];
+    let done = w.ok(Command::FinishDrain {
+        cell: cell.clone(),
+        now_ms: deadline_ms,
+    });
+    assert_eq!(w.state.cells[&cell].state, CellState::Cordoned);
+    assert_eq!(w.phase(b, "slow"), JobPhase::Queued);
+    let j = w.job(b, "slow");
+    assert_eq!(j.run.attempt().get(), 2);
+    assert_eq!(j.boost, 1);
+    assert_eq!(j.avoid.as_ref(), Some(&cell));
+    assert_eq!(
+        j.run.failure(),
+        Some(FailureClass::Infra {
+            reason: InfraReason::Drained
+        })
+    );
+    assert!(done.events.contains(&Event::JobRevoked {
+        job: slow,
+        cell: cell.clone(),
+        fence: slow_fence
+    }));
+
+    // Back in service on request; a lost cell cannot be uncordoned, only cordoned.
+    w.ok(Command::SetCellState {
+        cell: cell.clone(),
+        change: CellChange::Uncordon,
+        now_ms,
+    });
+    assert_eq!(w.state.cells[&cell].state, CellState::Active);
+    w.expire("eu-2");
+    let eu2 = CellId::new("eu-2").unwrap();
+    let refused = w.apply(Command::SetCellState {
+        cell: eu2.clone(),
+        change: CellChange::Uncordon,
+        now_ms,
+    });
+    assert!(matches!(refused.response, Response::Rejected(_)));
+    w.ok(Command::SetCellState {
+        cell: eu2.clone(),
+        change: CellChange::Cordon,
+        now_ms,
+    });
+    w.register("eu-2");
+    assert_eq!(
+        w.state.cells[&eu2].state,
+        CellState::Cordoned,
+        "a cell cordoned while lost stays out of service when it returns"
+    );
+}
