@@ -12,7 +12,8 @@
 //! - [`dag`]: job graphs — cycle detection, topological stages, which jobs are ready.
 //! - [`job`]: the job lifecycle of ARCHITECTURE §6 as an explicit transition table, the failure
 //!   taxonomy and the retry decision.
-//! - [`placement`]: where queued jobs go (the interim first-fit policy).
+//! - [`placement`]: where queued jobs go: weighted fair share across tenants, home cells,
+//!   API budgets (ARCHITECTURE §7).
 //! - [`forge`]: the normalised forge event a webhook becomes, and its event variables.
 //! - [`repo`]: the `RepoSource` port that reads `.ci.yaml` at a commit.
 //! - [`runner`]: the `RunnerBackend` port that runs one job attempt in isolation.

@@ -1,9 +1,6 @@
-//! Placement of queued jobs on cells.
-//!
-//! This is the interim policy of the Cell agent issue: oldest job first, first cell (by id)
-//! that can take it. The Placement issue replaces it with fair share, home cells and API-server
-//! budgets (ARCHITECTURE §7); the shape stays: a pure function from a snapshot to decisions,
-//! which the leader commits as one `PlaceJobs` entry.
+//! The interim first-fit policy of the Cell agent issue: oldest job first, first cell (by id)
+//! that can take it. [`super::schedule`] replaces it (fair share, home cells, budgets); it stays
+//! until the federator's scheduler loop is switched over, with the same signature.
 
 use std::collections::{BTreeMap, BTreeSet};
 
