@@ -34,8 +34,9 @@ pub use yaml::{MAX_ALIASES, MAX_DEPTH, MAX_NODES, MAX_REPLAYED_EVENTS, MAX_SOURC
 
 /// Most jobs one `jobs:` entry may expand to through its matrix.
 pub const MAX_MATRIX_JOBS: usize = 256;
-/// Most jobs in one pipeline after expansion.
-pub const MAX_JOBS: usize = 1000;
+/// Most jobs in one pipeline after expansion: a monorepo's push can fan out to thousands of
+/// jobs (the placement issue's burst is 5,000 from one push).
+pub const MAX_JOBS: usize = 5000;
 /// Longest `timeout` a job may ask for.
 pub const MAX_TIMEOUT_SECS: u64 = 72 * 3600;
 /// `timeout` when neither the job nor `defaults` sets one.
