@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use flotilla_consensus::Node;
 use flotilla_core::ids::{CellId, Fence, JobId};
 use flotilla_core::job::JobPhase;
+use flotilla_core::placement::{LiveCell, Scheduler, Snapshot, Waiting};
 use flotilla_core::runner::{Assignment, Checkout};
 use flotilla_core::state::{CellState, Command, Entry, Event, Response, State};
 use flotilla_proto::cell::{assign_to_pb, job_refs};
@@ -76,6 +77,12 @@ pub struct CellMetrics {
     pub sessions_opened: AtomicU64,
     /// Placement decisions committed.
     pub placements: AtomicU64,
+    /// Jobs handed back by drains that reached their deadline.
+    pub drained_jobs: AtomicU64,
+    /// Queued jobs no live active cell can take (constraints match none), at the last tick.
+    pub unplaceable: AtomicU64,
+    /// Queued jobs that match a cell but found no room, at the last tick.
+    pub waiting_for_room: AtomicU64,
 }
 
 /// What the leader knows about one connected agent.
@@ -84,6 +91,80 @@ struct Session {
     id: u64,
     tx: mpsc::Sender<pb::FederatorMessage>,
     last_heartbeat: Instant,
+    /// What its last heartbeat said about its pools.
+    load: Option<CellLoad>,
+}
+
+/// One runner pool of a cell, as its agent last reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolLoad {
+    /// Runners in the pool.
+    pub total: u32,
+    /// Runners running a job.
+    pub busy: u32,
+    /// Runners waiting for one.
+    pub idle: u32,
+    /// Jobs waiting in the cell for a runner of the pool.
+    pub queued: u32,
+    /// The most runners the pool may have.
+    pub max: u32,
+}
+
+impl PoolLoad {
+    /// The pool's total workload `(busy + queued) / total` (ARCHITECTURE §8); `None` for a
+    /// pool with no runners.
+    pub fn workload(&self) -> Option<f64> {
+        (self.total > 0).then(|| f64::from(self.busy + self.queued) / f64::from(self.total))
+    }
+}
+
+/// A cell's last heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CellLoad {
+    /// Per pool.
+    pub pools: std::collections::BTreeMap<String, PoolLoad>,
+    /// Pod creations per second it can afford (`None`: no limit reported).
+    pub api_budget: Option<u32>,
+}
+
+impl CellLoad {
+    /// From a heartbeat.
+    pub fn from_pb(hb: &pb::Heartbeat) -> Self {
+        let api_budget = hb
+            .pools
+            .iter()
+            .map(|p| p.api_budget)
+            .filter(|b| *b > 0)
+            .min();
+        Self {
+            pools: hb
+                .pools
+                .iter()
+                .map(|p| {
+                    (
+                        p.pool.clone(),
+                        PoolLoad {
+                            total: p.total,
+                            busy: p.busy,
+                            idle: p.idle,
+                            queued: p.queued,
+                            max: p.max,
+                        },
+                    )
+                })
+                .collect(),
+            api_budget,
+        }
+    }
+}
+
+/// A cell as the operator API shows it: its session and last heartbeat.
+#[derive(Debug, Clone)]
+pub struct CellLive {
+    /// How long ago it was last heard from.
+    pub since_heartbeat: Duration,
+    /// Its last heartbeat's figures, once one came.
+    pub load: Option<CellLoad>,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +187,11 @@ pub struct CellHub {
     sessions: std::sync::Mutex<Sessions>,
     wake: Notify,
     metrics: CellMetrics,
+    /// Jobs that no cell could take at the last tick (each is reported once).
+    unplaceable: std::sync::Mutex<BTreeSet<JobId>>,
+    /// The scheduler, which remembers what it learnt about jobs between ticks; a fresh one
+    /// per leadership term.
+    scheduler: std::sync::Mutex<Scheduler>,
 }
 
 /// How many placements one `PlaceJobs` entry carries at most.
@@ -132,6 +218,8 @@ impl CellHub {
             sessions: std::sync::Mutex::default(),
             wake: Notify::new(),
             metrics: CellMetrics::default(),
+            unplaceable: std::sync::Mutex::default(),
+            scheduler: std::sync::Mutex::new(Scheduler::new()),
         })
     }
 
@@ -174,6 +262,7 @@ impl CellHub {
         if leading {
             s.leading_since = Some(Instant::now());
             s.silent_since.clear();
+            *self.scheduler.lock().unwrap_or_else(|e| e.into_inner()) = Scheduler::new();
         } else {
             s.leading_since = None;
             s.by_cell.clear();
@@ -194,6 +283,7 @@ impl CellHub {
                 id,
                 tx,
                 last_heartbeat: Instant::now(),
+                load: None,
             },
         );
         s.silent_since.remove(cell);
@@ -214,13 +304,33 @@ impl CellHub {
         }
     }
 
-    fn heartbeat(&self, cell: &CellId, id: u64) {
+    fn heartbeat(&self, cell: &CellId, id: u64, load: Option<CellLoad>) {
         let mut s = self.lock();
         if let Some(sess) = s.by_cell.get_mut(cell)
             && sess.id == id
         {
             sess.last_heartbeat = Instant::now();
+            if load.is_some() {
+                sess.load = load;
+            }
         }
+    }
+
+    /// The connected cells with their last heartbeats, for the operator API.
+    pub fn live(&self) -> HashMap<CellId, CellLive> {
+        self.lock()
+            .by_cell
+            .iter()
+            .map(|(cell, s)| {
+                (
+                    cell.clone(),
+                    CellLive {
+                        since_heartbeat: s.last_heartbeat.elapsed(),
+                        load: s.load.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn send(&self, cell: &CellId, msg: pb::FederatorMessage) {
@@ -315,10 +425,12 @@ impl CellHub {
             if !self.is_leader() {
                 continue;
             }
-            // Drain the queue in capped batches before waiting again.
+            // Drain the queue in capped batches before waiting again; each cell's API budget
+            // is for the whole tick, whatever the number of batches.
+            let mut live = self.live_cells();
             let mut placed = 0;
             loop {
-                let n = self.place_once().await;
+                let n = self.place_once(&mut live).await;
                 placed += n;
                 if n < MAX_BATCH {
                     break;
@@ -330,19 +442,57 @@ impl CellHub {
         }
     }
 
-    async fn place_once(&self) -> usize {
-        let live = self.connected();
+    /// The connected cells the scheduler may use, each with the pods it may be asked to
+    /// create this tick: its reported budget per second, for one tick's worth of time.
+    fn live_cells(&self) -> Vec<LiveCell> {
+        let s = self.lock();
+        s.by_cell
+            .iter()
+            .map(|(id, sess)| LiveCell {
+                id: id.clone(),
+                budget: sess
+                    .load
+                    .as_ref()
+                    .and_then(|l| l.api_budget)
+                    .map(|per_sec| {
+                        ((f64::from(per_sec) * MIN_TICK.as_secs_f64()).ceil() as u32).max(1)
+                    }),
+            })
+            .collect()
+    }
+
+    /// One batch: schedules, commits the decisions as one `PlaceJobs` entry, and takes what
+    /// it used out of the cells' budgets.
+    async fn place_once(&self, live: &mut [LiveCell]) -> usize {
         if live.is_empty() {
             return 0;
         }
         let now_ms = self.clock.now_ms();
         let ttl = self.timing.lease().as_millis() as u64;
-        let placements = self.node.read(|m| {
-            flotilla_core::placement::first_fit(m.state(), &live, now_ms, ttl, MAX_BATCH)
+        let schedule = self.node.read(|m| {
+            self.scheduler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .schedule(&Snapshot {
+                    state: m.state(),
+                    live,
+                    now_ms,
+                    lease_ttl_ms: ttl,
+                    limit: MAX_BATCH,
+                })
         });
+        self.note_waiting(&schedule.waiting);
+        let placements = schedule.placements;
         let n = placements.len();
         if n == 0 {
             return 0;
+        }
+        for p in &placements {
+            if let Some(cell) = live.iter_mut().find(|c| c.id == p.cell)
+                && let Some(b) = &mut cell.budget
+            {
+                *b = b.saturating_sub(1);
+            }
         }
         let command = Entry::V1(Command::PlaceJobs { placements, now_ms });
         match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
@@ -361,6 +511,22 @@ impl CellHub {
                 0
             }
         }
+    }
+
+    /// Publishes what waits and says once, per job, when one can go nowhere.
+    fn note_waiting(&self, waiting: &Waiting) {
+        self.metrics
+            .unplaceable
+            .store(waiting.unplaceable.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .waiting_for_room
+            .store(waiting.no_capacity as u64, Ordering::Relaxed);
+        let mut known = self.unplaceable.lock().unwrap_or_else(|e| e.into_inner());
+        let now: BTreeSet<JobId> = waiting.unplaceable.iter().copied().collect();
+        for job in now.difference(&known) {
+            tracing::warn!(job = %job, "No connected active cell matches this job's placement (region, labels, pool): it waits queued until one does.");
+        }
+        *known = now;
     }
 
     /// The lease monitor: while leading, declares lost every cell not heard from for a lease.
@@ -390,6 +556,7 @@ impl CellHub {
                 continue;
             }
             self.resend_stuck_assignments(&mut resent);
+            self.finish_due_drains().await;
             for (cell, last_seen_ms) in self.overdue() {
                 let now_ms = self.clock.now_ms();
                 let command = Entry::V1(Command::ExpireLeases {
@@ -410,6 +577,41 @@ impl CellHub {
                     }
                     Err(_) => tracing::warn!(cell = %cell, "Expiring leases timed out."),
                 }
+            }
+        }
+    }
+
+    /// Hands back the jobs of every draining cell past its deadline (ARCHITECTURE §7).
+    async fn finish_due_drains(&self) {
+        let now_ms = self.clock.now_ms();
+        let due: Vec<CellId> = self.node.read(|m| {
+            m.state()
+                .cells
+                .values()
+                .filter(|c| {
+                    matches!(c.state, CellState::Draining { deadline_ms } if deadline_ms <= now_ms)
+                })
+                .map(|c| c.id.clone())
+                .collect()
+        });
+        for cell in due {
+            let remaining = self.node.read(|m| m.state().jobs_on(&cell).count());
+            let command = Entry::V1(Command::FinishDrain {
+                cell: cell.clone(),
+                now_ms,
+            });
+            match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
+                Ok(Ok(Response::Rejected(r))) => {
+                    tracing::debug!(cell = %cell, reason = %r, "Finishing a drain refused.");
+                }
+                Ok(Ok(_)) => {
+                    self.metrics
+                        .drained_jobs
+                        .fetch_add(remaining as u64, Ordering::Relaxed);
+                    tracing::warn!(cell = %cell, requeued = remaining, "Drain deadline reached: the cell's remaining jobs are placed elsewhere.");
+                }
+                Ok(Err(e)) => tracing::warn!(cell = %cell, error = %e, "Finishing a drain failed."),
+                Err(_) => tracing::warn!(cell = %cell, "Finishing a drain timed out."),
             }
         }
     }

@@ -312,10 +312,13 @@ impl Reader {
                 break;
             }
             match msg.msg {
-                Some(In::Heartbeat(_)) => self.hub.heartbeat(&self.cell, self.sid),
+                Some(In::Heartbeat(hb)) => {
+                    self.hub
+                        .heartbeat(&self.cell, self.sid, Some(super::CellLoad::from_pb(&hb)));
+                }
                 Some(In::JobUpdate(u)) => {
                     // Any message proves the cell is alive.
-                    self.hub.heartbeat(&self.cell, self.sid);
+                    self.hub.heartbeat(&self.cell, self.sid, None);
                     if !self.update(u).await {
                         break;
                     }

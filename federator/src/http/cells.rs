@@ -7,14 +7,17 @@ use axum::Json;
 use axum::extract::{Path, State as AppState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use flotilla_core::ids::JobId;
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::JsonRejection;
+use flotilla_core::ids::{CellId, JobId};
 use flotilla_core::job::JobPhase;
-use flotilla_core::state::CellState;
+use flotilla_core::state::{CellChange, CellState, Command};
 
 use super::App;
 use super::auth::Principal;
 use super::problem::Problem;
-use super::views::CellView;
+use super::views::{CellView, DrainCell, PoolView};
 use crate::clock::rfc3339;
 
 type Shared = AppState<Arc<App>>;
@@ -23,34 +26,187 @@ type Shared = AppState<Arc<App>>;
 /// failure is). The log store issue brings ranges and live tail.
 const MAX_LOG_BYTES: u64 = 16 << 20;
 
+fn operator(who: &Principal) -> Result<(), Problem> {
+    if who.project.is_some() {
+        return Err(Problem::forbidden(
+            "cells are shared by every project: use a token that is not limited to one",
+        ));
+    }
+    Ok(())
+}
+
+fn cell_views(app: &App, only: Option<&CellId>) -> Vec<CellView> {
+    let live = app.cells.live();
+    app.read(|s| {
+        let mut homes: BTreeMap<CellId, usize> = BTreeMap::new();
+        for p in s.projects.keys() {
+            if let Some(home) = flotilla_core::placement::home_cell(p, s.cells.values()) {
+                *homes.entry(home).or_default() += 1;
+            }
+        }
+        s.cells
+            .values()
+            .filter(|c| only.is_none_or(|id| *id == c.id))
+            .map(|c| {
+                let live = live.get(&c.id);
+                let load = live.and_then(|l| l.load.as_ref());
+                CellView {
+                    id: c.id.to_string(),
+                    state: c.state.as_str(),
+                    region: c.region.clone(),
+                    labels: c.labels.clone(),
+                    pools: c.pools.clone(),
+                    agent_version: c.agent_version.clone(),
+                    connected: live.is_some(),
+                    jobs: s.jobs_on(&c.id).count(),
+                    last_seen: rfc3339(c.last_seen_ms),
+                    last_heartbeat_ms_ago: live
+                        .map(|l| u64::try_from(l.since_heartbeat.as_millis()).unwrap_or(u64::MAX)),
+                    drain_deadline: match c.state {
+                        CellState::Draining { deadline_ms } => Some(rfc3339(deadline_ms)),
+                        _ => None,
+                    },
+                    capacity: load
+                        .map(|l| {
+                            l.pools
+                                .iter()
+                                .map(|(name, p)| {
+                                    (
+                                        name.clone(),
+                                        PoolView {
+                                            total: p.total,
+                                            busy: p.busy,
+                                            idle: p.idle,
+                                            queued: p.queued,
+                                            max: p.max,
+                                            workload: p.workload(),
+                                        },
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    api_budget: load.and_then(|l| l.api_budget),
+                    home_projects: homes.get(&c.id).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    })
+}
+
 #[utoipa::path(get, path = "/api/v1/cells", tag = "cluster",
     responses((status = 200, body = Vec<CellView>), (status = 403)))]
 pub(super) async fn list_cells(
     AppState(app): Shared,
     who: Principal,
 ) -> Result<Json<Vec<CellView>>, Problem> {
-    if who.project.is_some() {
-        return Err(Problem::forbidden(
-            "cells are shared by every project: use a token that is not limited to one",
-        ));
+    operator(&who)?;
+    Ok(Json(cell_views(&app, None)))
+}
+
+#[utoipa::path(get, path = "/api/v1/cells/{id}", tag = "cluster",
+    params(("id" = String, Path, description = "Cell id")),
+    responses((status = 200, body = CellView), (status = 403), (status = 404)))]
+pub(super) async fn get_cell(
+    AppState(app): Shared,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<CellView>, Problem> {
+    operator(&who)?;
+    let id = cell_id(&id)?;
+    cell_views(&app, Some(&id))
+        .pop()
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("cell `{id}` not found")))
+}
+
+fn cell_id(id: &str) -> Result<CellId, Problem> {
+    CellId::new(id).map_err(|e| Problem::bad_request(e.to_string()))
+}
+
+/// Commits `change` to cell `id` and answers with the cell as it is then.
+async fn change_cell(
+    app: &App,
+    who: &Principal,
+    id: &str,
+    change: CellChange,
+) -> Result<Json<CellView>, Problem> {
+    who.global_admin()?;
+    let id = cell_id(id)?;
+    if !app.read(|s| s.cells.contains_key(&id)) {
+        return Err(Problem::not_found(format!("cell `{id}` not found")));
     }
-    let connected = app.cells.connected();
-    Ok(Json(app.read(|s| {
-        s.cells
-            .values()
-            .map(|c| CellView {
-                id: c.id.to_string(),
-                state: c.state.as_str(),
-                region: c.region.clone(),
-                labels: c.labels.clone(),
-                pools: c.pools.clone(),
-                agent_version: c.agent_version.clone(),
-                connected: connected.contains(&c.id),
-                jobs: s.jobs_on(&c.id).count(),
-                last_seen: rfc3339(c.last_seen_ms),
-            })
-            .collect()
-    })))
+    let now_ms = app.now_ms();
+    app.propose(Command::SetCellState {
+        cell: id.clone(),
+        change,
+        now_ms,
+    })
+    .await?;
+    let want = match change {
+        CellChange::Cordon => "cordoned",
+        CellChange::Uncordon => "active",
+        CellChange::Drain { .. } => "draining",
+    };
+    app.read_after_write(
+        |s| s.cells.get(&id).is_some_and(|c| c.state.as_str() == want),
+        |_| (),
+    )
+    .await;
+    tracing::info!(cell = %id, change = ?change, "Cell state changed by an operator.");
+    cell_views(app, Some(&id))
+        .pop()
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("cell `{id}` not found")))
+}
+
+#[utoipa::path(post, path = "/api/v1/cells/{id}/cordon", tag = "cluster",
+    params(("id" = String, Path, description = "Cell id")),
+    responses((status = 200, body = CellView, description = "No new work goes to the cell; running jobs carry on"), (status = 403), (status = 404)))]
+pub(super) async fn cordon_cell(
+    AppState(app): Shared,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<CellView>, Problem> {
+    change_cell(&app, &who, &id, CellChange::Cordon).await
+}
+
+#[utoipa::path(post, path = "/api/v1/cells/{id}/uncordon", tag = "cluster",
+    params(("id" = String, Path, description = "Cell id")),
+    responses((status = 200, body = CellView, description = "The cell takes new work again"), (status = 403), (status = 404), (status = 409)))]
+pub(super) async fn uncordon_cell(
+    AppState(app): Shared,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<CellView>, Problem> {
+    change_cell(&app, &who, &id, CellChange::Uncordon).await
+}
+
+#[utoipa::path(post, path = "/api/v1/cells/{id}/drain", tag = "cluster", request_body = DrainCell,
+    params(("id" = String, Path, description = "Cell id")),
+    responses((status = 200, body = CellView, description = "No new work; what is still there at the deadline is placed elsewhere"), (status = 400), (status = 403), (status = 404), (status = 409)))]
+pub(super) async fn drain_cell(
+    AppState(app): Shared,
+    who: Principal,
+    Path(id): Path<String>,
+    json: Result<Json<DrainCell>, JsonRejection>,
+) -> Result<Json<CellView>, Problem> {
+    let req = json.map(|Json(v)| v).map_err(|e| {
+        Problem::bad_request(format!(
+            "the request body is not what this endpoint expects: {}",
+            e.body_text()
+        ))
+    })?;
+    let grace = humantime::parse_duration(&req.deadline).map_err(|e| {
+        Problem::bad_request(format!(
+            "deadline `{}` is not a duration like `10m`: {e}",
+            req.deadline
+        ))
+    })?;
+    let deadline_ms = app
+        .now_ms()
+        .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+    change_cell(&app, &who, &id, CellChange::Drain { deadline_ms }).await
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/logs", tag = "builds",
@@ -167,6 +323,19 @@ pub(super) async fn metrics(AppState(app): Shared) -> Response {
         "Placement decisions this replica committed.",
         m.placements.load(Ordering::Relaxed),
     );
+    counter(
+        "flotilla_drained_jobs_total",
+        "Jobs handed back by drains that reached their deadline.",
+        m.drained_jobs.load(Ordering::Relaxed),
+    );
+    out.push_str(&format!(
+        "# HELP flotilla_jobs_unplaceable Queued jobs no connected active cell matches (region, labels, pool), at the last scheduler tick.\n# TYPE flotilla_jobs_unplaceable gauge\nflotilla_jobs_unplaceable {}\n",
+        m.unplaceable.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# HELP flotilla_jobs_waiting_for_room Queued jobs that match a cell but found no free runner, at the last scheduler tick.\n# TYPE flotilla_jobs_waiting_for_room gauge\nflotilla_jobs_waiting_for_room {}\n",
+        m.waiting_for_room.load(Ordering::Relaxed)
+    ));
     out.push_str("# HELP flotilla_cells Registered cells by state.\n# TYPE flotilla_cells gauge\n");
     for (state, n) in ["active", "cordoned", "draining", "lost"].iter().zip(cells) {
         out.push_str(&format!("flotilla_cells{{state=\"{state}\"}} {n}\n"));

@@ -276,6 +276,42 @@ pub(super) struct CellView {
     pub jobs: usize,
     /// When it last registered.
     pub last_seen: String,
+    /// Milliseconds since its last heartbeat reached the leader (connected cells only).
+    pub last_heartbeat_ms_ago: Option<u64>,
+    /// When a draining cell hands back what is left.
+    pub drain_deadline: Option<String>,
+    /// Each pool as its last heartbeat reported it (connected cells only).
+    pub capacity: std::collections::BTreeMap<String, PoolView>,
+    /// Pod creations per second its API server can still afford, as it reported.
+    pub api_budget: Option<u32>,
+    /// Projects whose home cell it is (where their jobs go first, for cache locality).
+    pub home_projects: usize,
+}
+
+/// A runner pool's figures from the cell's last heartbeat.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PoolView {
+    /// Runners.
+    pub total: u32,
+    /// Runners running a job.
+    pub busy: u32,
+    /// Runners waiting for a job.
+    pub idle: u32,
+    /// Jobs waiting in the cell for a runner.
+    pub queued: u32,
+    /// Most runners the pool may have.
+    pub max: u32,
+    /// Total workload `(busy + queued) / total`.
+    pub workload: Option<f64>,
+}
+
+/// `POST /cells/{id}/drain`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DrainCell {
+    /// How long running jobs may go on before what is left is placed elsewhere, such as
+    /// `10m` (`0s`: hand everything back at once).
+    pub deadline: String,
 }
 
 impl JobDetail {
