@@ -3,6 +3,8 @@
 //! This file only parses the command line and dispatches; each command lives in its own module.
 
 mod cell_agent;
+mod cells;
+mod client;
 mod dev;
 mod federator;
 mod raft_admin;
@@ -56,6 +58,11 @@ enum Command {
     /// federator's cell bootstrap token (--token-file). `render-pod` prints the pod a job
     /// would get.
     CellAgent(cell_agent::Args),
+    /// See and steer cells: list them, cordon, uncordon, drain (with progress).
+    ///
+    /// Talks to the REST API at --server / FLOTILLA_ADDR with an admin token
+    /// (FLOTILLA_TOKEN, --token-file, or .flotilla/admin-token from `flotilla dev`).
+    Cells(cells::Args),
     /// Commands that run inside a runner pod: `exec`, `checkout`, `install`.
     ///
     /// The pod the cell agent's Kubernetes backend renders for a job runs these: `install`
@@ -78,6 +85,7 @@ fn main() -> ExitCode {
             federator::run(&args)
         }
         Command::Raft(args) => raft_admin::run(&args),
+        Command::Cells(args) => cells::run(&args),
         Command::CellAgent(args) => {
             init_logging();
             cell_agent::run(&args)

@@ -70,3 +70,88 @@ pub fn flotilla() -> Command {
     cmd.current_dir(workspace_root());
     cmd
 }
+
+/// A real `flotilla dev` process for tests (see `tests/dev.rs`).
+pub mod dev {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::time::Instant;
+
+    use super::flotilla_bin;
+
+    /// A running `flotilla dev`, stopped with SIGINT.
+    #[derive(Debug)]
+    pub struct Dev {
+        child: tokio::process::Child,
+        /// The base URL (no `/api/v1`).
+        pub url: String,
+        /// The admin token it printed.
+        pub token: String,
+    }
+
+    impl Dev {
+        /// Starts `flotilla dev --http 127.0.0.1:0 --data-dir DATA EXTRA…` and waits for the URL
+        /// and token it prints.
+        pub async fn start(data: &Path, extra: &[&str]) -> Dev {
+            let mut child = tokio::process::Command::new(flotilla_bin())
+                .args(["dev", "--http", "127.0.0.1:0", "--data-dir"])
+                .arg(data)
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let (mut url, mut token) = (None, None);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while url.is_none() || token.is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "flotilla dev printed no URL and token"
+                );
+                let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .expect("flotilla dev exited early");
+                if let Some(rest) = line.trim().strip_prefix("API:") {
+                    url = Some(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap()
+                            .trim_end_matches("/api/v1")
+                            .to_owned(),
+                    );
+                }
+                if let Some(rest) = line.trim().strip_prefix("Admin token:") {
+                    token = Some(rest.trim().to_owned());
+                }
+            }
+            // Keep draining stdout so the process never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Dev {
+                child,
+                url: url.unwrap(),
+                token: token.unwrap(),
+            }
+        }
+
+        /// Stops it with Ctrl-C (SIGINT) and checks it exits cleanly.
+        pub async fn stop(mut self) {
+            let pid = self.child.id().unwrap();
+            Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .unwrap();
+            let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+                .await
+                .expect("flotilla dev did not stop on Ctrl-C")
+                .unwrap();
+            assert!(status.success(), "flotilla dev exited with {status}");
+        }
+    }
+}

@@ -2,14 +2,13 @@
 //! webhooks, jobs run by the local cell, Ctrl-C, and a restart on the same data directory.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::flotilla_bin;
+use flotilla_tests::dev::Dev;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 const SECRET: &str = "dev-test-secret";
@@ -28,72 +27,6 @@ fn git(dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A running `flotilla dev`, stopped with SIGINT.
-struct Dev {
-    child: tokio::process::Child,
-    url: String,
-    token: String,
-}
-
-impl Dev {
-    async fn start(data: &Path) -> Dev {
-        let mut child = tokio::process::Command::new(flotilla_bin())
-            .args(["dev", "--http", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut url, mut token) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while url.is_none() || token.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "flotilla dev printed no URL and token"
-            );
-            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-                .await
-                .unwrap()
-                .unwrap()
-                .expect("flotilla dev exited early");
-            if let Some(rest) = line.trim().strip_prefix("API:") {
-                url = Some(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap()
-                        .trim_end_matches("/api/v1")
-                        .to_owned(),
-                );
-            }
-            if let Some(rest) = line.trim().strip_prefix("Admin token:") {
-                token = Some(rest.trim().to_owned());
-            }
-        }
-        // Keep draining stdout so the process never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Dev {
-            child,
-            url: url.unwrap(),
-            token: token.unwrap(),
-        }
-    }
-
-    async fn stop(mut self) {
-        let pid = self.child.id().unwrap();
-        Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("flotilla dev did not stop on Ctrl-C")
-            .unwrap();
-        assert!(status.success(), "flotilla dev exited with {status}");
-    }
 }
 
 fn client() -> reqwest::Client {
@@ -204,7 +137,7 @@ jobs:
 
     let data = tmp.path().join("data");
     let c = client();
-    let dev = Dev::start(&data).await;
+    let dev = Dev::start(&data, &[]).await;
     let r = c
         .post(format!("{}/api/v1/projects", dev.url))
         .bearer_auth(&dev.token)
@@ -253,7 +186,7 @@ jobs:
 
     // Ctrl-C stops it cleanly; a restart on the same directory keeps the project and build.
     dev.stop().await;
-    let dev = Dev::start(&data).await;
+    let dev = Dev::start(&data, &[]).await;
     let again = get_json(&c, &dev, &format!("/api/v1/builds/{build_id}")).await;
     assert_eq!(again["status"], "failed");
     let projects = get_json(&c, &dev, "/api/v1/projects").await;
