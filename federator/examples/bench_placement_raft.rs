@@ -183,6 +183,19 @@ async fn place_all(
         });
         ticks.push(took.as_micros() as u64);
         if placements.is_empty() {
+            let (unplaceable, waiting) = fed.node().read(|m| {
+                let w = scheduler
+                    .schedule(&Snapshot {
+                        state: m.state(),
+                        live,
+                        now_ms: now,
+                        lease_ttl_ms: 3_600_000,
+                        limit: 1,
+                    })
+                    .waiting;
+                (w.unplaceable.len(), w.no_capacity)
+            });
+            println!("  (stopped: nothing more fits; {unplaceable} queued jobs match no cell, {waiting} wait for room)");
             break;
         }
         placed += placements.len();
