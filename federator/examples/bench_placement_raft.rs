@@ -195,7 +195,9 @@ async fn place_all(
                     .waiting;
                 (w.unplaceable.len(), w.no_capacity)
             });
-            println!("  (stopped: nothing more fits; {unplaceable} queued jobs match no cell, {waiting} wait for room)");
+            println!(
+                "  (stopped: nothing more fits; {unplaceable} queued jobs match no cell, {waiting} wait for room)"
+            );
             break;
         }
         placed += placements.len();
