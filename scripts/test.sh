@@ -41,6 +41,9 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
 fi
 mkdir -p "$CARGO_TARGET_DIR"
 echo "cargo target directory: $CARGO_TARGET_DIR"
+# Incremental compilation caches take tens of gigabytes over a day of runs and buy a test run
+# little; a developer who wants them sets CARGO_INCREMENTAL=1.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # --- 2 and 3. Format and lints -------------------------------------------------------------
 log "cargo fmt --check"
