@@ -679,6 +679,7 @@ fn cell(id: &str, capacity: u32) -> Cell {
         state: CellState::Active,
         registered_at_ms: 0,
         last_seen_ms: 0,
+        returns_as: None,
     }
 }
 

@@ -488,6 +488,9 @@ impl State {
         j.version += 1;
         j.placed_at_ms = Some(now_ms);
         j.runner = RunnerTimes::default();
+        // Both served this placement: the next one starts from scratch.
+        j.boost = 0;
+        j.avoid = None;
         let build = j.build;
         events.push(Event::JobChanged(job));
         events.push(Event::JobAssigned { job, cell, fence });
@@ -536,6 +539,16 @@ impl State {
             .get_mut(&job)
             .ok_or_else(|| Rejection::NotFound(format!("job {job}")))?;
         let from = j.run.cell().cloned();
+        // Only a drain the federator itself finished hands an attempt back as `Drained` (which
+        // is retried for free); a cell saying so is treated as the crash it is.
+        let outcome = match outcome {
+            Outcome::Failed(FailureClass::Infra {
+                reason: InfraReason::Drained,
+            }) => Outcome::Failed(FailureClass::Infra {
+                reason: InfraReason::RunnerCrash,
+            }),
+            other => other,
+        };
         let phase = j
             .run
             .apply(JobEvent::Finished { fence, outcome })
@@ -740,6 +753,7 @@ impl State {
             state: CellState::Active,
             registered_at_ms: now_ms,
             last_seen_ms: now_ms,
+            returns_as: None,
         });
         cell.region = spec.region;
         cell.labels = spec.labels;
@@ -747,7 +761,7 @@ impl State {
         cell.agent_version = spec.agent_version;
         cell.last_seen_ms = now_ms;
         if cell.state == CellState::Lost {
-            cell.state = CellState::Active;
+            cell.state = cell.returns_as.take().unwrap_or(CellState::Active);
         }
         events.push(Event::CellChanged(spec.id));
     }
@@ -770,6 +784,12 @@ impl State {
             )));
         }
         if c.state != CellState::Lost {
+            // An operator's cordon survives the cell dropping out; a drain is over (its jobs
+            // go back now, as lost), and the cell returns cordoned.
+            c.returns_as = match c.state {
+                CellState::Cordoned | CellState::Draining { .. } => Some(CellState::Cordoned),
+                _ => None,
+            };
             c.state = CellState::Lost;
             events.push(Event::CellChanged(cell.clone()));
         }
@@ -788,13 +808,26 @@ impl State {
             .get_mut(cell)
             .ok_or_else(|| Rejection::NotFound(format!("cell `{cell}`")))?;
         let next = match (change, c.state) {
-            // A lost cell's jobs are gone already; it becomes active when its agent returns.
-            // Cordoning it still makes sense: it then stays out of service when it does.
-            (CellChange::Uncordon | CellChange::Drain { .. }, CellState::Lost) => {
+            // A lost cell's jobs are gone already. Cordoning it keeps it out of service when
+            // its agent returns; uncordoning lets it take work then; there is nothing to drain.
+            (CellChange::Drain { .. }, CellState::Lost) => {
                 return Err(Rejection::Conflict(format!(
-                    "cell `{cell}` is lost: it takes work again when its agent reconnects \
-                     (cordon it to keep it out of service then)"
+                    "cell `{cell}` is lost and holds no jobs: cordon it to keep it out of \
+                     service when its agent returns"
                 )));
+            }
+            (CellChange::Cordon, CellState::Lost) => {
+                if c.returns_as != Some(CellState::Cordoned) {
+                    c.returns_as = Some(CellState::Cordoned);
+                    events.push(Event::CellChanged(cell.clone()));
+                }
+                return Ok(Response::Ok);
+            }
+            (CellChange::Uncordon, CellState::Lost) => {
+                if c.returns_as.take().is_some() {
+                    events.push(Event::CellChanged(cell.clone()));
+                }
+                return Ok(Response::Ok);
             }
             (CellChange::Cordon, _) => CellState::Cordoned,
             (CellChange::Uncordon, _) => CellState::Active,

@@ -406,6 +406,9 @@ pub struct Cell {
     pub registered_at_ms: u64,
     /// When it last registered (said hello on a new session).
     pub last_seen_ms: u64,
+    /// While `Lost`: the state an operator chose, which it returns to when its agent
+    /// reconnects (`None`: `Active`). A cordon survives the cell dropping out.
+    pub returns_as: Option<CellState>,
 }
 
 /// What a cell agent says about itself when it opens a session.
@@ -634,6 +637,13 @@ pub enum Command {
         /// Leader time.
         now_ms: u64,
     },
+    /// A replica announces the address its cell-session gRPC service listens on.
+    AnnounceCellEndpoint {
+        /// Its Raft node id.
+        node_id: u64,
+        /// `host:port`.
+        addr: String,
+    },
     /// An operator changes whether a cell takes work (ARCHITECTURE §7).
     SetCellState {
         /// The cell.
@@ -651,13 +661,6 @@ pub enum Command {
         cell: CellId,
         /// Leader time.
         now_ms: u64,
-    },
-    /// A replica announces the address its cell-session gRPC service listens on.
-    AnnounceCellEndpoint {
-        /// Its Raft node id.
-        node_id: u64,
-        /// `host:port`.
-        addr: String,
     },
 }
 

@@ -849,7 +849,7 @@ fn a_draining_cell_takes_no_new_work_lets_jobs_finish_and_hands_the_rest_back_at
     let eu2 = CellId::new("eu-2").unwrap();
     let refused = w.apply(Command::SetCellState {
         cell: eu2.clone(),
-        change: CellChange::Uncordon,
+        change: CellChange::Drain { deadline_ms },
         now_ms,
     });
     assert!(matches!(refused.response, Response::Rejected(_)));
@@ -858,10 +858,28 @@ fn a_draining_cell_takes_no_new_work_lets_jobs_finish_and_hands_the_rest_back_at
         change: CellChange::Cordon,
         now_ms,
     });
+    assert_eq!(
+        w.state.cells[&eu2].state,
+        CellState::Lost,
+        "still lost: its leases stay expired"
+    );
     w.register("eu-2");
     assert_eq!(
         w.state.cells[&eu2].state,
         CellState::Cordoned,
         "a cell cordoned while lost stays out of service when it returns"
     );
+    // A cordoned cell that drops out comes back cordoned too.
+    w.expire("eu-2");
+    w.register("eu-2");
+    assert_eq!(w.state.cells[&eu2].state, CellState::Cordoned);
+    // Uncordoned while lost: it takes work again when it returns.
+    w.expire("eu-2");
+    w.ok(Command::SetCellState {
+        cell: eu2.clone(),
+        change: CellChange::Uncordon,
+        now_ms,
+    });
+    w.register("eu-2");
+    assert_eq!(w.state.cells[&eu2].state, CellState::Active);
 }
