@@ -152,8 +152,27 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
 async fn follow_drain(api: &Api, cell: &str) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     let mut last: Option<(usize, String)> = None;
+    let mut failures = 0;
     loop {
-        let c: Cell = api.get(&format!("/cells/{cell}")).await?;
+        let c: Cell = match api.get(&format!("/cells/{cell}")).await {
+            Ok(c) => {
+                failures = 0;
+                c
+            }
+            // The drain goes on without us: ride out a blip (a replica restarting, say).
+            Err(e) if failures < 30 => {
+                failures += 1;
+                if failures == 1 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "\n(cannot read the cell, retrying: {e:#})"
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.context("the drain goes on, but its progress cannot be read")),
+        };
         let now = (c.jobs, c.state.clone());
         let mut out = std::io::stdout().lock();
         if last.as_ref() != Some(&now) {
@@ -165,17 +184,26 @@ async fn follow_drain(api: &Api, cell: &str) -> anyhow::Result<()> {
             }
             last = Some(now);
         }
-        if c.jobs == 0 || c.state != "draining" {
+        let done = match c.state.as_str() {
+            "draining" if c.jobs == 0 => Some(Ok("every job finished before the deadline")),
+            "draining" => None,
+            "cordoned" => Some(Ok(
+                "the deadline passed; what was left is placed on other cells",
+            )),
+            "lost" => Some(Err("the cell was lost; its jobs are placed on other cells")),
+            _ => Some(Err("the drain was cancelled: the cell takes work again")),
+        };
+        if let Some(done) = done {
             if tty {
                 writeln!(out)?;
             }
-            let how = if c.state == "draining" {
-                "every job finished before the deadline"
-            } else {
-                "the deadline passed; what was left is placed on other cells"
+            return match done {
+                Ok(how) => {
+                    writeln!(out, "{}: drained ({how})", c.id)?;
+                    Ok(())
+                }
+                Err(why) => anyhow::bail!("{}: {why}", c.id),
             };
-            writeln!(out, "{}: drained ({how})", c.id)?;
-            return Ok(());
         }
         drop(out);
         tokio::time::sleep(Duration::from_secs(1)).await;

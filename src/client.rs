@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// Where the API is and how to authenticate, shared by every client command.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub(crate) struct ApiArgs {
     /// The federator's API URL.
     #[arg(
@@ -29,11 +29,39 @@ pub(crate) struct ApiArgs {
 }
 
 /// A connected client.
-#[derive(Debug)]
 pub(crate) struct Api {
     base: String,
     token: String,
     http: reqwest::Client,
+}
+
+// Tokens never reach a log or an error message.
+impl std::fmt::Debug for ApiArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiArgs")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `server` is this machine (where `flotilla dev`'s token file applies).
+fn is_loopback(server: &str) -> bool {
+    url::Url::parse(server).is_ok_and(|u| {
+        matches!(
+            u.host_str(),
+            Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+        )
+    })
 }
 
 impl ApiArgs {
@@ -46,10 +74,15 @@ impl ApiArgs {
                 .trim()
                 .to_owned(),
             (None, None) => {
+                // `flotilla dev`'s token, only for a server on this machine: never send it
+                // anywhere else.
                 let dev = PathBuf::from(".flotilla/admin-token");
-                match std::fs::read_to_string(&dev) {
-                    Ok(t) => t.trim().to_owned(),
-                    Err(_) => bail!(
+                match std::fs::read_to_string(&dev)
+                    .ok()
+                    .filter(|_| is_loopback(&self.server))
+                {
+                    Some(t) => t.trim().to_owned(),
+                    None => bail!(
                         "no API token: set FLOTILLA_TOKEN, or pass --token-file (flotilla dev \
                          writes one to .flotilla/admin-token)"
                     ),

@@ -26,6 +26,14 @@ impl Clock for SystemClock {
 
 /// RFC 3339 with milliseconds, as the API shows times.
 pub fn rfc3339(ms: u64) -> String {
+    use std::fmt::Write as _;
+    // humantime cannot print years past 9999 (its `Display` fails, and `to_string` would
+    // panic): clamp, so no stored time can break a response.
+    let ms = ms.min(253_402_300_799_000);
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
+    let mut out = String::new();
+    if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_err() {
+        out = format!("@{ms}ms");
+    }
+    out
 }

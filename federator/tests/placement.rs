@@ -188,8 +188,9 @@ async fn set_state(c: &Cluster, cell: &str, action: &str, body: Value) -> Value 
     v
 }
 
-/// A pipeline of `short` jobs that run `short_ms` and `long` jobs that run `long_ms`.
-fn pipeline(short: usize, short_ms: u64, long: usize, long_ms: u64) -> String {
+/// A pipeline of `short` jobs that run `short_ms` and `long` jobs that run `long_ms` with
+/// `long_infra` infra retries.
+fn pipeline(short: usize, short_ms: u64, long: usize, long_ms: u64, long_infra: u32) -> String {
     let list = |n: usize| {
         (1..=n)
             .map(|i| i.to_string())
@@ -205,7 +206,7 @@ fn pipeline(short: usize, short_ms: u64, long: usize, long_ms: u64) -> String {
     }
     if long > 0 {
         yaml.push_str(&format!(
-            "  long: {{ run: \"true\", env: {{ RUN_MS: \"{long_ms}\" }}, matrix: {{ i: [{}] }} }}\n",
+            "  long: {{ run: \"true\", env: {{ RUN_MS: \"{long_ms}\" }}, retry: {{ infra: {long_infra} }}, matrix: {{ i: [{}] }} }}\n",
             list(long)
         ));
     }
@@ -216,7 +217,12 @@ async fn build(c: &Cluster, dir: &std::path::Path, yaml: &str) -> String {
     let repo = GitRepo::new(dir);
     let sha = repo.commit("main", &[(".ci.yaml", yaml)]);
     c.project("web", &repo.url(), "github").await;
-    let (_, ack) = github_push(c, 0, "web", "d-1", &push_payload("main", &sha))
+    push(c, "d-1", &sha).await
+}
+
+/// Another push of `sha` (a new delivery, so a new build); waits until it is loaded.
+async fn push(c: &Cluster, delivery: &str, sha: &str) -> String {
+    let (_, ack) = github_push(c, 0, "web", delivery, &push_payload("main", sha))
         .await
         .unwrap();
     let id = ack["build_id"].as_str().unwrap().to_owned();
@@ -286,7 +292,7 @@ async fn a_lost_cell_with_50_running_jobs_has_them_all_running_elsewhere_within_
     wait_connected(&c, &["cell-a", "cell-b"]).await;
     // Everything starts on cell-a.
     set_state(&c, "cell-b", "cordon", json!({})).await;
-    let id = build(&c, dir.path(), &pipeline(0, 0, 50, 600_000)).await;
+    let id = build(&c, dir.path(), &pipeline(0, 0, 50, 600_000, 2)).await;
     jobs_until(
         &c,
         &id,
@@ -354,8 +360,9 @@ async fn draining_a_cell_with_500_running_jobs_places_nothing_new_there_lets_job
     let b = agent(&c, "cell-b", c.cells_addr(0), b_backend.clone());
     wait_connected(&c, &["cell-a", "cell-b"]).await;
     set_state(&c, "cell-b", "cordon", json!({})).await;
-    // 250 jobs end 6 s after they start, 250 would run for 10 minutes.
-    let id = build(&c, dir.path(), &pipeline(250, 6_000, 250, 600_000)).await;
+    // 250 jobs end 6 s after they start, 250 would run for 10 minutes and have no infra
+    // retries: only a drain (which costs none) can move them without failing them.
+    let id = build(&c, dir.path(), &pipeline(250, 6_000, 250, 600_000, 0)).await;
     jobs_until(
         &c,
         &id,
@@ -370,14 +377,40 @@ async fn draining_a_cell_with_500_running_jobs_places_nothing_new_there_lets_job
     let drained = set_state(&c, "cell-a", "drain", json!({ "deadline": "9s" })).await;
     assert_eq!(drained["state"], "draining");
     let acked = Instant::now();
-    // Until the deadline nothing moves and nothing new lands on cell-a.
-    let mut peak = usize::MAX;
-    while acked.elapsed() < Duration::from_secs(7) {
+    // New work arrives while cell-b is cordoned too: it must wait, not land on cell-a.
+    set_state(&c, "cell-b", "cordon", json!({})).await;
+    let sha = c.get(&format!("/api/v1/builds/{id}"), ADMIN).await.1["sha"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let later = push(&c, "d-2", &sha).await;
+    let mut seen_a = usize::MAX;
+    while acked.elapsed() < Duration::from_secs(3) {
         let on_a = cells(&c).await["cell-a"]["jobs"].as_u64().unwrap() as usize;
-        assert!(on_a <= peak, "a job was placed on the draining cell");
-        peak = on_a;
+        assert!(on_a <= seen_a, "a job was placed on the draining cell");
+        seen_a = on_a;
+        let waiting = jobs(&c, &later).await;
+        assert!(
+            waiting.iter().all(|j| j["status"] == "queued"),
+            "new work went somewhere: {}",
+            summary(&waiting)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    set_state(&c, "cell-b", "uncordon", json!({})).await;
+    // Until the deadline the drained cell only loses jobs.
+    while acked.elapsed() < Duration::from_secs(7) {
+        let on_a = cells(&c).await["cell-a"]["jobs"].as_u64().unwrap() as usize;
+        assert!(on_a <= seen_a, "a job was placed on the draining cell");
+        seen_a = on_a;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let later_jobs = jobs(&c, &later).await;
+    assert!(
+        later_jobs.iter().all(|j| j["cell"] != "cell-a"),
+        "{}",
+        summary(&later_jobs)
+    );
     let js = jobs(&c, &id).await;
     assert_eq!(
         js.iter()
@@ -405,6 +438,7 @@ async fn draining_a_cell_with_500_running_jobs_places_nothing_new_there_lets_job
         .collect();
     assert_eq!(long.len(), 250);
     assert!(long.iter().all(|j| j["attempt"] == 2), "{}", summary(&js));
+
     // 0 lost: every one of the 500 is either done or running.
     assert_eq!(
         js.iter()
@@ -415,11 +449,59 @@ async fn draining_a_cell_with_500_running_jobs_places_nothing_new_there_lets_job
     let cell_a = &cells(&c).await["cell-a"];
     assert_eq!(cell_a["state"], "cordoned", "{cell_a}");
     assert_eq!(cell_a["jobs"], 0);
-    let (status, _) = c
-        .post(&format!("/api/v1/builds/{id}/cancel"), ADMIN, json!({}))
-        .await;
-    assert_eq!(status, 200);
+    for b in [&id, &later] {
+        let (status, _) = c
+            .post(&format!("/api/v1/builds/{b}/cancel"), ADMIN, json!({}))
+            .await;
+        assert_eq!(status, 200);
+    }
     a.shutdown().await;
     b.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_cell_that_drops_out_comes_back_cordoned() {
+    let c = Cluster::start(1).await;
+    let proxy = Proxy::start(c.cells_addr(0)).await;
+    let a = agent(
+        &c,
+        "cell-a",
+        proxy.addr.clone(),
+        Arc::new(TimerBackend::default()),
+    );
+    wait_connected(&c, &["cell-a"]).await;
+    set_state(&c, "cell-a", "cordon", json!({})).await;
+    proxy.cut();
+    let cut = Instant::now();
+    loop {
+        let cell = &cells(&c).await["cell-a"];
+        if cell["state"] == "lost" {
+            assert_eq!(cell["returns_as"], "cordoned", "{cell}");
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "never lost: {cell}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Well past another lease: the monitor must not expire it again and lose the cordon.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.heal();
+    let back = Instant::now();
+    loop {
+        let cell = &cells(&c).await["cell-a"];
+        if cell["connected"] == true && cell["state"] != "lost" {
+            assert_eq!(cell["state"], "cordoned", "{cell}");
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "never back: {cell}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.shutdown().await;
     c.shutdown().await;
 }

@@ -192,6 +192,26 @@ pub struct CellHub {
     /// The scheduler, which remembers what it learnt about jobs between ticks; a fresh one
     /// per leadership term.
     scheduler: std::sync::Mutex<Scheduler>,
+    /// Each cell's API budget as a token bucket, kept across its sessions.
+    budgets: std::sync::Mutex<HashMap<CellId, Bucket>>,
+}
+
+/// Pod creations a cell may still be asked for: refilled at the rate it reports (per
+/// second), holding at most one second's worth, spent by placements.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + self.rate * now.duration_since(self.at).as_secs_f64())
+            .min(self.rate.max(1.0));
+        self.at = now;
+    }
 }
 
 /// How many placements one `PlaceJobs` entry carries at most.
@@ -220,6 +240,7 @@ impl CellHub {
             metrics: CellMetrics::default(),
             unplaceable: std::sync::Mutex::default(),
             scheduler: std::sync::Mutex::new(Scheduler::new()),
+            budgets: std::sync::Mutex::default(),
         })
     }
 
@@ -267,6 +288,13 @@ impl CellHub {
             s.leading_since = None;
             s.by_cell.clear();
             s.silent_since.clear();
+            // A follower places nothing: its gauges must not go on showing its last tick.
+            self.metrics.unplaceable.store(0, Ordering::Relaxed);
+            self.metrics.waiting_for_room.store(0, Ordering::Relaxed);
+            self.unplaceable
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
         drop(s);
         self.wake.notify_one();
@@ -310,8 +338,23 @@ impl CellHub {
             && sess.id == id
         {
             sess.last_heartbeat = Instant::now();
-            if load.is_some() {
-                sess.load = load;
+            if let Some(load) = load {
+                let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+                match load.api_budget {
+                    Some(rate) => {
+                        let b = budgets.entry(cell.clone()).or_insert(Bucket {
+                            rate: f64::from(rate),
+                            tokens: f64::from(rate),
+                            at: Instant::now(),
+                        });
+                        b.refill();
+                        b.rate = f64::from(rate);
+                    }
+                    None => {
+                        budgets.remove(cell);
+                    }
+                }
+                sess.load = Some(load);
             }
         }
     }
@@ -443,20 +486,19 @@ impl CellHub {
     }
 
     /// The connected cells the scheduler may use, each with the pods it may be asked to
-    /// create this tick: its reported budget per second, for one tick's worth of time.
+    /// create this tick: what its budget bucket holds now (no limit for a cell that reports
+    /// none).
     fn live_cells(&self) -> Vec<LiveCell> {
-        let s = self.lock();
-        s.by_cell
-            .iter()
-            .map(|(id, sess)| LiveCell {
-                id: id.clone(),
-                budget: sess
-                    .load
-                    .as_ref()
-                    .and_then(|l| l.api_budget)
-                    .map(|per_sec| {
-                        ((f64::from(per_sec) * MIN_TICK.as_secs_f64()).ceil() as u32).max(1)
-                    }),
+        let connected: Vec<CellId> = self.lock().by_cell.keys().cloned().collect();
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        connected
+            .into_iter()
+            .map(|id| {
+                let budget = budgets.get_mut(&id).map(|b| {
+                    b.refill();
+                    b.tokens.floor() as u32
+                });
+                LiveCell { id, budget }
             })
             .collect()
     }
@@ -464,9 +506,6 @@ impl CellHub {
     /// One batch: schedules, commits the decisions as one `PlaceJobs` entry, and takes what
     /// it used out of the cells' budgets.
     async fn place_once(&self, live: &mut [LiveCell]) -> usize {
-        if live.is_empty() {
-            return 0;
-        }
         let now_ms = self.clock.now_ms();
         let ttl = self.timing.lease().as_millis() as u64;
         let schedule = self.node.read(|m| {
@@ -494,6 +533,7 @@ impl CellHub {
                 *b = b.saturating_sub(1);
             }
         }
+        self.spend_budgets(&placements);
         let command = Entry::V1(Command::PlaceJobs { placements, now_ms });
         match tokio::time::timeout(WRITE_TIMEOUT, self.node.propose(command)).await {
             Ok(Ok(_)) => {
@@ -513,7 +553,8 @@ impl CellHub {
         }
     }
 
-    /// Publishes what waits and says once, per job, when one can go nowhere.
+    /// Publishes what waits, and says when jobs start waiting for a cell that can take
+    /// them (one line per tick that adds some, with a count and a few ids, however many).
     fn note_waiting(&self, waiting: &Waiting) {
         self.metrics
             .unplaceable
@@ -523,10 +564,27 @@ impl CellHub {
             .store(waiting.no_capacity as u64, Ordering::Relaxed);
         let mut known = self.unplaceable.lock().unwrap_or_else(|e| e.into_inner());
         let now: BTreeSet<JobId> = waiting.unplaceable.iter().copied().collect();
-        for job in now.difference(&known) {
-            tracing::warn!(job = %job, "No connected active cell matches this job's placement (region, labels, pool): it waits queued until one does.");
+        let new: Vec<JobId> = now.difference(&known).copied().collect();
+        if !new.is_empty() {
+            let some: Vec<String> = new.iter().take(5).map(ToString::to_string).collect();
+            tracing::warn!(
+                jobs = new.len(),
+                waiting = now.len(),
+                examples = %some.join(","),
+                "Queued jobs match no connected active cell (region, labels, pool): they wait until one does."
+            );
         }
         *known = now;
+    }
+
+    /// Takes committed placements out of the cells' budget buckets.
+    fn spend_budgets(&self, placements: &[flotilla_core::state::Placement]) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        for p in placements {
+            if let Some(b) = budgets.get_mut(&p.cell) {
+                b.tokens = (b.tokens - 1.0).max(0.0);
+            }
+        }
     }
 
     /// The lease monitor: while leading, declares lost every cell not heard from for a lease.

@@ -22,6 +22,10 @@ use crate::clock::rfc3339;
 
 type Shared = AppState<Arc<App>>;
 
+/// Longest drain deadline accepted (beyond it, cordon the cell: a drain that long is a
+/// mistake, and far-future times are where time formatting breaks).
+const MAX_DRAIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 /// Largest log served in one response; the tail is kept (the end of a log is where a
 /// failure is). The log store issue brings ranges and live tail.
 const MAX_LOG_BYTES: u64 = 16 << 20;
@@ -66,6 +70,7 @@ fn cell_views(app: &App, only: Option<&CellId>) -> Vec<CellView> {
                         CellState::Draining { deadline_ms } => Some(rfc3339(deadline_ms)),
                         _ => None,
                     },
+                    returns_as: c.returns_as.map(CellState::as_str),
                     capacity: load
                         .map(|l| {
                             l.pools
@@ -143,13 +148,24 @@ async fn change_cell(
         now_ms,
     })
     .await?;
-    let want = match change {
-        CellChange::Cordon => "cordoned",
-        CellChange::Uncordon => "active",
-        CellChange::Drain { .. } => "draining",
-    };
+    // Wait until this replica has applied the change itself (a follower may lag): the cell
+    // in the state asked for — or already past it (a drain with no time left is finished at
+    // once), or lost meanwhile.
     app.read_after_write(
-        |s| s.cells.get(&id).is_some_and(|c| c.state.as_str() == want),
+        |s| {
+            s.cells.get(&id).is_some_and(|c| match (change, c.state) {
+                (_, CellState::Lost) => true,
+                (CellChange::Cordon, CellState::Cordoned)
+                | (CellChange::Uncordon, CellState::Active) => true,
+                (CellChange::Drain { deadline_ms }, CellState::Draining { deadline_ms: d }) => {
+                    d == deadline_ms
+                }
+                (CellChange::Drain { deadline_ms }, CellState::Cordoned) => {
+                    deadline_ms <= app.now_ms()
+                }
+                _ => false,
+            })
+        },
         |_| (),
     )
     .await;
@@ -191,6 +207,7 @@ pub(super) async fn drain_cell(
     Path(id): Path<String>,
     json: Result<Json<DrainCell>, JsonRejection>,
 ) -> Result<Json<CellView>, Problem> {
+    who.global_admin()?;
     let req = json.map(|Json(v)| v).map_err(|e| {
         Problem::bad_request(format!(
             "the request body is not what this endpoint expects: {}",
@@ -203,6 +220,13 @@ pub(super) async fn drain_cell(
             req.deadline
         ))
     })?;
+    if grace > MAX_DRAIN {
+        return Err(Problem::bad_request(format!(
+            "deadline `{}` is longer than {}: drain in steps, or cordon the cell instead",
+            req.deadline,
+            humantime::format_duration(MAX_DRAIN)
+        )));
+    }
     let deadline_ms = app
         .now_ms()
         .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));

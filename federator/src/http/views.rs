@@ -280,6 +280,9 @@ pub(super) struct CellView {
     pub last_heartbeat_ms_ago: Option<u64>,
     /// When a draining cell hands back what is left.
     pub drain_deadline: Option<String>,
+    /// For a lost cell: the state it takes when its agent reconnects (`active` unless an
+    /// operator cordoned it).
+    pub returns_as: Option<&'static str>,
     /// Each pool as its last heartbeat reported it (connected cells only).
     pub capacity: std::collections::BTreeMap<String, PoolView>,
     /// Pod creations per second its API server can still afford, as it reported.
