@@ -248,7 +248,10 @@ async fn main() {
                     id: id.clone(),
                     region: format!("region-{}", i % 5),
                     labels: BTreeMap::from([("arch".to_owned(), arch.to_owned())]),
-                    pools: BTreeMap::from([("default".to_owned(), 1000), ("large".to_owned(), 150)]),
+                    pools: BTreeMap::from([
+                        ("default".to_owned(), 1000),
+                        ("large".to_owned(), 150),
+                    ]),
                     agent_version: "bench".into(),
                 },
                 now_ms: now_ms(),
