@@ -505,3 +505,48 @@ async fn a_cordoned_cell_that_drops_out_comes_back_cordoned() {
     a.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_admin_token_for_every_project_may_cordon_drain_or_uncordon_a_cell() {
+    let c = Cluster::start(1).await;
+    let a = agent(
+        &c,
+        "cell-a",
+        c.cells_addr(0),
+        Arc::new(TimerBackend::default()),
+    );
+    wait_connected(&c, &["cell-a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    c.project("web", &repo.url(), "github").await;
+    let mut tokens = Vec::new();
+    for (project, scope) in [(json!("web"), "admin"), (json!(null), "write")] {
+        let (s, v) = c
+            .post(
+                "/api/v1/tokens",
+                ADMIN,
+                json!({"project": project, "scope": scope}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        tokens.push(v["token"].as_str().unwrap().to_owned());
+    }
+    for token in &tokens {
+        for (action, body) in [
+            ("cordon", json!({})),
+            ("uncordon", json!({})),
+            ("drain", json!({"deadline": "1m"})),
+        ] {
+            let (s, v) = c
+                .post(&format!("/api/v1/cells/cell-a/{action}"), token, body)
+                .await;
+            assert_eq!(s, 403, "{action}: {v}");
+        }
+    }
+    // A project's token does not even see the cells; the refusals changed nothing.
+    let (s, _) = c.get("/api/v1/cells", &tokens[0]).await;
+    assert_eq!(s, 403);
+    assert_eq!(cells(&c).await["cell-a"]["state"], "active");
+    a.shutdown().await;
+    c.shutdown().await;
+}
