@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_core::forge::{ForgeEvent, Provider};
-use flotilla_core::job::{JobPhase, Outcome};
+use flotilla_core::job::{FailureClass, InfraReason, JobPhase, Outcome};
 use flotilla_core::pipeline::{self, JobSpec, Placement as Constraints};
 use flotilla_core::placement::{LiveCell, Schedule, Scheduler, Snapshot, home_cell, schedule};
 use flotilla_core::state::{
-    Applied, Cell, CellSpec, CellState, Command, Event, Placement, ProjectSpec, Rejection,
-    Resolution, Response, RunnerTimes, State,
+    Applied, Cell, CellChange, CellSpec, CellState, Command, Event, Placement, ProjectPatch,
+    ProjectSpec, Rejection, Resolution, Response, RunnerTimes, State,
 };
 use flotilla_core::{CellId, Fence, JobId, PoolName, ProjectId};
 use proptest::prelude::*;
@@ -1290,6 +1290,323 @@ proptest! {
                 (share - want).abs() <= 0.05 * want,
                 "share {:.3}, want {:.3} (weights {:?})", share, want, weights
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The kept scheduler follows the state through any history.
+
+/// One step of a generated history. Indices pick among what exists at that point (modulo).
+#[derive(Debug, Clone)]
+enum Step {
+    /// A push of `jobs` jobs with one kind of constraint (0 none, 1 region, 2 label, 3 pool),
+    /// each needing the one before when `chain`.
+    Push {
+        project: usize,
+        jobs: usize,
+        kind: u8,
+        chain: bool,
+    },
+    /// A tick with some cells live, its decisions committed or (as when a proposal fails)
+    /// dropped.
+    Tick {
+        live: u8,
+        limit: usize,
+        commit: bool,
+    },
+    Start(usize),
+    /// 0 success, 1 test failure, 2 infra failure, 3 timeout.
+    Finish(usize, u8),
+    Cancel(usize),
+    Retry(usize),
+    Expire(usize),
+    Register(usize),
+    Cordon(usize),
+    Uncordon(usize),
+    Drain(usize),
+    FinishDrain(usize),
+    /// A project moves to tenant group 0, 1 or none (2), with a new weight.
+    Regroup(usize, u8, u32),
+    Delete(usize),
+    Create(usize),
+    /// A queued job's boost changed in place, outside `apply`.
+    Boost(usize),
+    /// The state is replaced by a copy, as a replica's is by a snapshot.
+    Copy,
+    /// The state goes through its serialized form.
+    Reload,
+}
+
+fn step_gen() -> impl Strategy<Value = Step> {
+    let i = || 0..64usize;
+    prop_oneof![
+        4 => (0..4usize, 1..6usize, 0..4u8, any::<bool>())
+            .prop_map(|(project, jobs, kind, chain)| Step::Push { project, jobs, kind, chain }),
+        4 => (any::<u8>(), 1..12usize, prop::bool::weighted(0.8))
+            .prop_map(|(live, limit, commit)| Step::Tick { live, limit, commit }),
+        3 => i().prop_map(Step::Start),
+        3 => (i(), 0..4u8).prop_map(|(j, o)| Step::Finish(j, o)),
+        1 => i().prop_map(Step::Cancel),
+        1 => i().prop_map(Step::Retry),
+        1 => i().prop_map(Step::Expire),
+        1 => i().prop_map(Step::Register),
+        1 => i().prop_map(Step::Cordon),
+        1 => i().prop_map(Step::Uncordon),
+        1 => i().prop_map(Step::Drain),
+        1 => i().prop_map(Step::FinishDrain),
+        1 => (i(), 0..3u8, 1..4u32).prop_map(|(p, g, w)| Step::Regroup(p, g, w)),
+        1 => i().prop_map(Step::Delete),
+        1 => i().prop_map(Step::Create),
+        1 => i().prop_map(Step::Boost),
+        1 => Just(Step::Copy),
+        1 => Just(Step::Reload),
+    ]
+}
+
+/// A cell of the histories: id, region, `arch` label, pools.
+type HistoryCell = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, u32)],
+);
+
+const HISTORY_CELLS: [HistoryCell; 3] = [
+    ("c-0", "eu", "amd64", &[("default", 3)]),
+    ("c-1", "us", "arm64", &[("default", 2), ("gpu", 1)]),
+    ("c-2", "eu", "arm64", &[("default", 2)]),
+];
+
+impl World {
+    fn history_cell(&mut self, i: usize) {
+        let (id, region, arch, pools) = HISTORY_CELLS[i % HISTORY_CELLS.len()];
+        self.cell(id, region, &[("arch", arch)], pools);
+    }
+
+    fn pick(&self, i: usize, phases: &[JobPhase]) -> Option<JobId> {
+        let ids: Vec<JobId> = self
+            .state
+            .jobs
+            .values()
+            .filter(|j| phases.contains(&j.phase()))
+            .map(|j| j.id)
+            .collect();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    }
+
+    fn pick_build(&self, i: usize) -> Option<flotilla_core::BuildId> {
+        let ids: Vec<_> = self.state.builds.keys().copied().collect();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    }
+
+    /// Plays one step; refusals are part of the history.
+    fn play(&mut self, step: &Step) {
+        let cell = |i: usize| cid(HISTORY_CELLS[i % HISTORY_CELLS.len()].0);
+        let now_ms = self.now;
+        match step {
+            Step::Push {
+                project,
+                jobs,
+                kind,
+                chain,
+            } => {
+                let c = match kind {
+                    0 => any_cell(),
+                    1 => constraints(Some("eu"), &[], None),
+                    2 => constraints(None, &[("arch", "arm64")], None),
+                    _ => constraints(None, &[], Some("gpu")),
+                };
+                let project = PROJECTS[project % PROJECTS.len()].0;
+                let build = match self
+                    .apply(Command::IngestEvent {
+                        project: pid(project),
+                        delivery: None,
+                        event: ForgeEvent::Push {
+                            branch: "main".into(),
+                            sha: SHA.into(),
+                            changed_paths: None,
+                            actor: "octocat".into(),
+                        },
+                        now_ms,
+                    })
+                    .response
+                {
+                    Response::Ingested { build, .. } => build,
+                    _ => return,
+                };
+                let jobs = (0..*jobs)
+                    .map(|i| {
+                        let mut j = self.template.clone();
+                        j.name = format!("j{i}");
+                        j.key = j.name.clone();
+                        j.placement = c.clone();
+                        if *chain && i > 0 {
+                            j.needs = vec![format!("j{}", i - 1)];
+                        }
+                        j
+                    })
+                    .collect();
+                let now_ms = self.now;
+                self.apply(Command::ResolvePipeline {
+                    build,
+                    sha: Some(SHA.into()),
+                    resolution: Resolution::Jobs {
+                        jobs,
+                        concurrency: None,
+                    },
+                    now_ms,
+                });
+            }
+            Step::Tick {
+                live: mask,
+                limit,
+                commit,
+            } => {
+                let ids: Vec<&str> = HISTORY_CELLS
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask & (1 << i) != 0)
+                    .map(|(_, c)| c.0)
+                    .collect();
+                let s = self.tick(&live(&ids), *limit);
+                if *commit && !s.placements.is_empty() {
+                    self.commit(s.placements);
+                }
+            }
+            Step::Start(i) => {
+                if let Some(job) = self.pick(*i, &[JobPhase::Leased]) {
+                    self.start(job);
+                }
+            }
+            Step::Finish(i, o) => {
+                if let Some(job) = self.pick(*i, &[JobPhase::Leased, JobPhase::Running]) {
+                    let outcome = match o {
+                        0 => Outcome::Succeeded,
+                        1 => Outcome::Failed(FailureClass::Test { exit_code: 1 }),
+                        2 => Outcome::Failed(FailureClass::Infra {
+                            reason: InfraReason::RunnerCrash,
+                        }),
+                        _ => Outcome::Failed(FailureClass::Timeout),
+                    };
+                    let fence = self.fence(job);
+                    self.apply(Command::JobFinished {
+                        job,
+                        fence,
+                        outcome,
+                        now_ms,
+                    });
+                }
+            }
+            Step::Cancel(i) => {
+                if let Some(build) = self.pick_build(*i) {
+                    self.apply(Command::CancelBuild { build, now_ms });
+                }
+            }
+            Step::Retry(i) => {
+                if let Some(build) = self.pick_build(*i) {
+                    self.apply(Command::RetryBuild { build, now_ms });
+                }
+            }
+            Step::Expire(i) => {
+                let cell = cell(*i);
+                if let Some(c) = self.state.cells.get(&cell) {
+                    let last_seen_ms = c.last_seen_ms;
+                    self.apply(Command::ExpireLeases {
+                        cell,
+                        last_seen_ms,
+                        now_ms,
+                    });
+                }
+            }
+            Step::Register(i) => self.history_cell(*i),
+            Step::Cordon(i) | Step::Uncordon(i) | Step::Drain(i) => {
+                let change = match step {
+                    Step::Cordon(_) => CellChange::Cordon,
+                    Step::Uncordon(_) => CellChange::Uncordon,
+                    _ => CellChange::Drain {
+                        deadline_ms: now_ms + 5,
+                    },
+                };
+                self.apply(Command::SetCellState {
+                    cell: cell(*i),
+                    change,
+                    now_ms,
+                });
+            }
+            Step::FinishDrain(i) => {
+                self.now += 10;
+                let now_ms = self.now;
+                self.apply(Command::FinishDrain {
+                    cell: cell(*i),
+                    now_ms,
+                });
+            }
+            Step::Regroup(p, g, weight) => {
+                let tenant = match g {
+                    0 => Some("grp".to_owned()),
+                    1 => Some("other".to_owned()),
+                    _ => None,
+                };
+                self.apply(Command::UpdateProject {
+                    id: pid(PROJECTS[p % PROJECTS.len()].0),
+                    patch: ProjectPatch {
+                        tenant: Some(tenant),
+                        weight: Some(*weight),
+                        ..ProjectPatch::default()
+                    },
+                    now_ms,
+                });
+            }
+            Step::Delete(p) => {
+                self.apply(Command::DeleteProject {
+                    id: pid(PROJECTS[p % PROJECTS.len()].0),
+                    now_ms,
+                });
+            }
+            Step::Create(p) => {
+                let (id, tenant) = PROJECTS[p % PROJECTS.len()];
+                if !self.state.projects.contains_key(&pid(id)) {
+                    self.project(id, tenant, 1);
+                }
+            }
+            Step::Boost(i) => {
+                if let Some(job) = self.pick(*i, &[JobPhase::Queued]) {
+                    self.state.jobs.get_mut(&job).unwrap().boost += 1;
+                }
+            }
+            Step::Copy => self.state = self.state.clone(),
+            Step::Reload => {
+                let json = serde_json::to_string(&self.state).unwrap();
+                self.state = serde_json::from_str(&json).unwrap();
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The kept scheduler reads only the jobs the change log names; whatever happened in
+    /// between — placements committed or dropped, starts, failures and retries, cancels,
+    /// lost and drained cells, projects regrouped, deleted and recreated, jobs changed
+    /// outside `apply`, the state copied or reloaded — it decides exactly as the one-off
+    /// schedule that reads the whole state (`World::tick` compares the two).
+    #[test]
+    fn a_kept_scheduler_decides_as_a_fresh_one_after_any_history(
+        steps in prop::collection::vec(step_gen(), 1..80)
+    ) {
+        let mut w = World::new();
+        for (id, tenant) in PROJECTS {
+            w.project(id, tenant, 1);
+        }
+        for i in 0..HISTORY_CELLS.len() {
+            w.history_cell(i);
+        }
+        let all = live(&["c-0", "c-1", "c-2"]);
+        for step in &steps {
+            w.play(step);
+            w.tick(&all, 64);
         }
     }
 }

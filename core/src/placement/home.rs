@@ -116,6 +116,54 @@ impl<T: Copy> Ring<T> {
     }
 }
 
+/// Home cells remembered from tick to tick, while the cells they are drawn from stay the same
+/// (ids, order and capacities): hashing a project against every cell is most of the cost of
+/// finding its home.
+#[derive(Debug, Default)]
+pub(crate) struct HomeCache {
+    /// The cells of the ring, as (id, capacity), in cell id order.
+    cells: Vec<(CellId, u64)>,
+    /// Their ring; each returns its position in `cells`.
+    ring: Option<Ring<u32>>,
+    /// By interned project: its home's position in `cells`, once worked out.
+    homes: Vec<Option<Option<u32>>>,
+}
+
+impl HomeCache {
+    /// Makes the cache about `cells` (registered cells, in cell id order), forgetting what it
+    /// knew if they changed.
+    pub(crate) fn refresh<'a>(&mut self, cells: impl IntoIterator<Item = &'a Cell>) {
+        let now: Vec<&Cell> = cells
+            .into_iter()
+            .filter(|c| c.state != CellState::Lost && capacity(c) > 0)
+            .collect();
+        let same = self.ring.is_some()
+            && now.len() == self.cells.len()
+            && now
+                .iter()
+                .zip(&self.cells)
+                .all(|(c, (id, w))| c.id == *id && capacity(c) == *w);
+        if same {
+            return;
+        }
+        self.cells = now.iter().map(|c| (c.id.clone(), capacity(c))).collect();
+        self.ring = Some(Ring::new(now.iter().zip(0u32..).map(|(c, i)| (*c, i))));
+        self.homes.clear();
+    }
+
+    /// The home of project `p` (interned as `index`): the id of its cell, if any has
+    /// capacity. Call [`HomeCache::refresh`] first.
+    pub(crate) fn home(&mut self, index: u32, p: &ProjectId) -> Option<&CellId> {
+        let i = index as usize;
+        if self.homes.len() <= i {
+            self.homes.resize(i + 1, None);
+        }
+        let ring = self.ring.as_ref()?;
+        let at = *self.homes[i].get_or_insert_with(|| ring.home(p));
+        at.map(|at| &self.cells[at as usize].0)
+    }
+}
+
 /// The project's home cell among `cells` (ARCHITECTURE §7): weighted rendezvous hashing as the
 /// module docs describe. `Lost` cells and cells without capacity never win; `None` when no
 /// cell qualifies. The order of `cells` does not matter.

@@ -27,14 +27,14 @@
 //! order reaches a decision, and no clock or randomness is read, so the same snapshot always
 //! gives the same schedule.
 //!
-//! Cost: one pass over the jobs, grouping queued jobs into a heap per tenant and constraint
-//! class (heapified in O(n), never sorted), then O(log n) per decision plus a look at the
-//! class's candidate cells. At tens of thousands of queued jobs the pass is bound by memory:
-//! by walking the job map, and by following each job's spec to its constraints, its project
-//! and its cell. A [`Scheduler`] kept across ticks remembers what never changes about a job
-//! (its constraint class, its project, its cell while it holds one fence), so a tick follows
-//! those pointers only for jobs that are new to it. `core/examples/bench_placement.rs`
-//! measures both ways.
+//! Cost: a [`Scheduler`] kept across ticks keeps a *book* — the queued jobs in a set per
+//! (project, constraint class), best first, and counts of the leased and running jobs per
+//! project and per cell pool — and brings it up to date each tick from the job table's change
+//! log ([`Jobs::changed_since`](crate::state::Jobs::changed_since)), reading only the jobs that
+//! changed. A tick then costs those changes (a lookup and a set update each), the cells,
+//! projects and queues (not their jobs), and O(log n) per decision: it never walks the jobs.
+//! Home cells are remembered while the cells stay the same. The one-off [`schedule`] builds
+//! the book from every job; `core/examples/bench_placement.rs` measures both ways.
 //!
 //! Known limit: there are no reservations. A job that only a few busy cells can take (a rare
 //! label) gets a runner there when one is free at its turn; jobs that could run anywhere may
@@ -42,11 +42,12 @@
 //! ticks the fair-share order brings the job's tenant first, so it waits, but less
 //! predictably than a job that fits anywhere.
 //!
-//! Layout: this file holds the API; `tick.rs` one tick (tables, scan, the fair-share loop,
-//! scoring); `classes.rs` constraint classes and the memory a [`Scheduler`] keeps;
-//! `home.rs` the home-cell hashing; `first_fit.rs` the interim policy the federator calls
-//! until it switches over.
+//! Layout: this file holds the API; `tick.rs` one tick (tables, the fair-share loop,
+//! scoring); `book.rs` what a [`Scheduler`] keeps between ticks; `classes.rs` constraint
+//! classes; `home.rs` the home-cell hashing; `first_fit.rs` the interim policy the federator
+//! called before this one.
 
+mod book;
 mod classes;
 mod first_fit;
 mod home;
@@ -54,6 +55,9 @@ mod tick;
 
 pub use first_fit::first_fit;
 pub use home::{home_cell, rendezvous_hash};
+
+use book::Book;
+use home::HomeCache;
 
 use crate::ids::{CellId, JobId};
 use crate::state::{Placement, State};
@@ -108,41 +112,35 @@ pub struct Waiting {
 /// Places queued jobs on live cells: fair share across tenants, FIFO with priorities within
 /// one, home cell then region then headroom (see the module docs). Pure and deterministic.
 ///
-/// This reads every queued job's constraints; a leader that ticks repeatedly should keep a
-/// [`Scheduler`], which decides exactly the same but remembers them between ticks.
+/// This reads every job in the state; a leader that ticks repeatedly should keep a
+/// [`Scheduler`], which decides exactly the same but reads only the jobs that changed.
 pub fn schedule(s: &Snapshot<'_>) -> Schedule {
-    tick::run(s, &mut classes::Memory::default())
+    tick::run(s, &mut Book::default(), &mut HomeCache::default())
 }
 
-/// [`schedule`] with a memory: remembers each queued job's constraint class from one tick to
-/// the next (a job's spec never changes), so a tick reads the constraints only of jobs queued
-/// since the previous one.
+/// [`schedule`] with a memory: keeps its view of the queued and running jobs (its book)
+/// from one tick to the next and brings it up to date from the job table's change log, so a
+/// tick reads only the jobs that changed since the previous one, and remembers home cells
+/// while the cells stay the same.
 ///
-/// Its decisions are exactly [`schedule`]'s for the same snapshot, whatever it remembers: a
-/// remembered job counts only if its id and its very spec (`Arc` identity) match. Keep one per
-/// leader term and drop it with leadership; it holds about 24 bytes and a spec reference per
-/// queued job, and starts over if pipelines keep inventing new constraints.
-#[derive(Debug)]
+/// Its decisions are exactly [`schedule`]'s for the same snapshot, whatever it saw before: a
+/// state it cannot follow (another state, a copy, one whose log moved past it) is read whole,
+/// once. Keep one per leader term and drop it with leadership; it holds about 100 bytes per
+/// queued or running job.
+#[derive(Debug, Default)]
 pub struct Scheduler {
-    memory: classes::Memory,
-}
-
-impl Default for Scheduler {
-    fn default() -> Self {
-        Scheduler::new()
-    }
+    book: Book,
+    homes: HomeCache,
 }
 
 impl Scheduler {
-    /// A scheduler that remembers nothing yet.
+    /// A scheduler that knows nothing yet.
     pub fn new() -> Self {
-        Scheduler {
-            memory: classes::Memory::remembering(),
-        }
+        Scheduler::default()
     }
 
     /// One tick: see [`schedule`].
     pub fn schedule(&mut self, s: &Snapshot<'_>) -> Schedule {
-        tick::run(s, &mut self.memory)
+        tick::run(s, &mut self.book, &mut self.homes)
     }
 }

@@ -12,9 +12,11 @@
 //! enum with one variant per format version. The types of version 1 are in this module; a
 //! future v2 adds variants and a migration, never reinterprets v1 bytes.
 //!
-//! Layout: this file holds the data model; `apply.rs` the transitions; `tests.rs` the tests.
+//! Layout: this file holds the data model; `apply.rs` the transitions; `jobs.rs` the job table
+//! and its change log; `tests.rs` the tests.
 
 mod apply;
+mod jobs;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +29,8 @@ use crate::forge::{ForgeEvent, Provider};
 use crate::ids::{BuildId, CellId, Fence, JobId, ProjectId};
 use crate::job::{JobPhase, JobRun, Outcome};
 use crate::pipeline::JobSpec;
+
+pub use jobs::{JobCursor, Jobs};
 
 /// How long a webhook delivery key is remembered, so a redelivery within it is recognised.
 /// GitHub lets users redeliver for 3 days and GitLab retries for hours; 7 days covers both.
@@ -62,8 +66,9 @@ pub struct State {
     pub delivery_times: BTreeSet<(u64, DeliveryKey)>,
     /// Builds not yet pruned.
     pub builds: BTreeMap<BuildId, Build>,
-    /// The jobs of those builds.
-    pub jobs: BTreeMap<JobId, Job>,
+    /// The jobs of those builds (a map that also notes which jobs changed, for the
+    /// scheduler).
+    pub jobs: Jobs,
     /// Cells that have registered.
     pub cells: BTreeMap<CellId, Cell>,
     /// Counters for ids handed out by `apply`.

@@ -48,16 +48,16 @@ fn jobs(yaml: &str) -> Vec<JobSpec> {
 }
 
 /// a; b needs a; c needs a; d needs b.
-const DIAMOND: &str = "version: 1\njobs:\n  a: { run: 'true' }\n  b: { run: 'true', needs: [a] }\n  c: { run: 'true', needs: [a] }\n  d: { run: 'true', needs: [b] }\n";
+pub(super) const DIAMOND: &str = "version: 1\njobs:\n  a: { run: 'true' }\n  b: { run: 'true', needs: [a] }\n  c: { run: 'true', needs: [a] }\n  d: { run: 'true', needs: [b] }\n";
 
-struct World {
-    state: State,
+pub(super) struct World {
+    pub(super) state: State,
     index: u64,
     now: u64,
 }
 
 impl World {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let mut w = World {
             state: State::default(),
             index: 0,
@@ -121,7 +121,7 @@ impl World {
         }
     }
 
-    fn build_with(&mut self, yaml: &str, group: Option<(&str, bool)>) -> BuildId {
+    pub(super) fn build_with(&mut self, yaml: &str, group: Option<(&str, bool)>) -> BuildId {
         let (b, _) = self.ingest(None, push("main"));
         let now_ms = self.now;
         self.ok(Command::ResolvePipeline {
