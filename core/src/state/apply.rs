@@ -47,8 +47,11 @@ impl State {
             } => self.resolve(build, sha, resolution, now_ms, &mut events),
             Command::PlaceJobs { placements, now_ms } => {
                 let fence = Fence(index);
+                // Each build's status once per entry, not once per job: a monorepo's build
+                // of 5,000 jobs placed 512 at a time would otherwise be read 512 times.
+                let mut builds: Vec<BuildId> = Vec::new();
                 for p in placements {
-                    self.place(
+                    let placed = self.place(
                         p.job,
                         p.cell,
                         fence,
@@ -56,6 +59,14 @@ impl State {
                         now_ms,
                         &mut events,
                     );
+                    if let Some(b) = placed
+                        && !builds.contains(&b)
+                    {
+                        builds.push(b);
+                    }
+                }
+                for b in builds {
+                    self.refresh_build(b, now_ms, &mut events);
                 }
                 Ok(Response::Ok)
             }
@@ -459,6 +470,7 @@ impl State {
         }
     }
 
+    /// Places one job; returns its build, whose status the caller refreshes.
     fn place(
         &mut self,
         job: JobId,
@@ -467,15 +479,13 @@ impl State {
         lease_expires_at_ms: u64,
         now_ms: u64,
         events: &mut Vec<Event>,
-    ) {
+    ) -> Option<BuildId> {
         // The scheduler only picks active cells; this guards against a cell lost or cordoned
         // between its snapshot and this entry.
         if self.cells.get(&cell).map(|c| c.state) != Some(CellState::Active) {
-            return;
+            return None;
         }
-        let Some(j) = self.jobs.get_mut(&job) else {
-            return;
-        };
+        let j = self.jobs.get_mut(&job)?;
         let placed = j.run.apply(JobEvent::Placed {
             cell: cell.clone(),
             fence,
@@ -483,7 +493,7 @@ impl State {
         });
         if placed.is_err() {
             // The job was cancelled or placed since the scheduler's snapshot: skip it.
-            return;
+            return None;
         }
         j.version += 1;
         j.placed_at_ms = Some(now_ms);
@@ -494,7 +504,7 @@ impl State {
         let build = j.build;
         events.push(Event::JobChanged(job));
         events.push(Event::JobAssigned { job, cell, fence });
-        self.refresh_build(build, now_ms, events);
+        Some(build)
     }
 
     fn job_started(
