@@ -416,6 +416,7 @@ impl Worker {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             bootstrap_token: token,
             known: job_refs(known),
+            api_budget: self.backend.api_budget().unwrap_or(0),
         };
         tx.send(out(Out::Hello(hello)))
             .await

@@ -30,6 +30,8 @@ type Timers = HashMap<JobId, (RunnerInfo, watch::Sender<bool>)>;
 struct TimerBackend {
     running: Arc<Mutex<Timers>>,
     closed: Mutex<bool>,
+    /// The API budget it reports (pod creations per second).
+    budget: Option<u32>,
 }
 
 fn now_ms() -> u64 {
@@ -132,6 +134,10 @@ impl RunnerBackend for TimerBackend {
             .map(|(i, _)| i.clone())
             .collect();
         Box::pin(async { Ok(infos) })
+    }
+
+    fn api_budget(&self) -> Option<u32> {
+        self.budget
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
@@ -457,6 +463,53 @@ async fn draining_a_cell_with_500_running_jobs_places_nothing_new_there_lets_job
     }
     a.shutdown().await;
     b.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cells_api_budget_paces_its_pods_from_the_moment_it_connects() {
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 60 jobs wait for a cell before any connects.
+    let id = build(&c, dir.path(), &pipeline(0, 0, 60, 600_000, 0)).await;
+    let backend = Arc::new(TimerBackend {
+        budget: Some(10),
+        ..TimerBackend::default()
+    });
+    let a = agent(&c, "cell-a", c.cells_addr(0), backend.clone());
+    // From its first tick the cell gets at most a second's worth (10), then 10 a second:
+    // a new session must not open the floodgates until its first heartbeat.
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let js = jobs(&c, &id).await;
+        let placed = js.iter().filter(|j| j["cell"] == "cell-a").count();
+        if placed > 0 {
+            let since = first.get_or_insert_with(Instant::now).elapsed();
+            let allowed = 10 + (10.0 * since.as_secs_f64()).floor() as usize + 3;
+            assert!(
+                placed <= allowed,
+                "{placed} placed {since:?} after the first, budget allows {allowed}: {}",
+                summary(&js)
+            );
+        }
+        if placed == 60 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all placed: {}",
+            summary(&js)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = first.unwrap().elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "60 jobs at 10/s after a burst of 10 take about 5 s, not {took:?}"
+    );
+    assert_eq!(backend.count(), 60);
+    a.shutdown().await;
     c.shutdown().await;
 }
 

@@ -300,8 +300,10 @@ impl CellHub {
         self.wake.notify_one();
     }
 
-    /// Registers a new session for `cell`, replacing (and so closing) any older one.
-    fn open(&self, cell: &CellId, tx: mpsc::Sender<pb::FederatorMessage>) -> u64 {
+    /// Registers a new session for `cell`, replacing (and so closing) any older one, with
+    /// the API budget its `Hello` reported (0: none).
+    fn open(&self, cell: &CellId, tx: mpsc::Sender<pb::FederatorMessage>, api_budget: u32) -> u64 {
+        self.set_budget(cell, (api_budget > 0).then_some(api_budget));
         let mut s = self.lock();
         s.next_id += 1;
         let id = s.next_id;
@@ -339,22 +341,28 @@ impl CellHub {
         {
             sess.last_heartbeat = Instant::now();
             if let Some(load) = load {
-                let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-                match load.api_budget {
-                    Some(rate) => {
-                        let b = budgets.entry(cell.clone()).or_insert(Bucket {
-                            rate: f64::from(rate),
-                            tokens: f64::from(rate),
-                            at: Instant::now(),
-                        });
-                        b.refill();
-                        b.rate = f64::from(rate);
-                    }
-                    None => {
-                        budgets.remove(cell);
-                    }
-                }
+                self.set_budget(cell, load.api_budget);
                 sess.load = Some(load);
+            }
+        }
+    }
+
+    /// What a cell reports it can afford (in `Hello` and every heartbeat): its bucket refills
+    /// at that rate from now on; `None` lifts the limit.
+    fn set_budget(&self, cell: &CellId, rate: Option<u32>) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        match rate {
+            Some(rate) => {
+                let b = budgets.entry(cell.clone()).or_insert(Bucket {
+                    rate: f64::from(rate),
+                    tokens: f64::from(rate),
+                    at: Instant::now(),
+                });
+                b.refill();
+                b.rate = f64::from(rate);
+            }
+            None => {
+                budgets.remove(cell);
             }
         }
     }

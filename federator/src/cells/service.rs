@@ -153,7 +153,7 @@ impl CellService for CellServer {
             node_id: hub.node.id(),
         });
         let _ = tx.try_send(message(welcome));
-        let sid = hub.open(&cell, tx.clone());
+        let sid = hub.open(&cell, tx.clone(), hello.api_budget);
         tracing::info!(cell = %cell, peer = ?peer, session = sid, "Cell session opened.");
         let reader = Reader {
             hub: hub.clone(),
