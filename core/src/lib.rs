@@ -5,6 +5,8 @@
 //! needs them, come in as arguments.
 //!
 //! Layout:
+//! - [`autoscale`]: runner pools sized by total workload, the time-of-day floor and the
+//!   two-phase scale-down that never deletes a busy runner (ARCHITECTURE §8).
 //! - [`ids`]: typed identifiers ([`ProjectId`], [`BuildId`], [`JobId`], [`CellId`],
 //!   [`PoolName`]) and the per-job counters [`Attempt`] and [`Fence`].
 //! - [`pipeline`]: the `.ci.yaml` v1 spec — parsing with limits, validation with
@@ -20,6 +22,7 @@
 //! - [`state`]: the replicated control state and its deterministic `apply`.
 //! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
 
+pub mod autoscale;
 pub mod dag;
 pub mod forge;
 pub mod ids;
