@@ -262,7 +262,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let mut config = AgentConfig::new(cell, file.federators.clone(), auth, data.join("logs"));
     config.region = file.region.clone();
     config.labels = file.labels.clone();
-    config.pools = file.pools.clone();
+    config.pools = file.pool_sizes();
+    config.autoscale = file.autoscale();
     let agent = Agent::start(config, backend);
     crate::shutdown_signal().await;
     tracing::info!(

@@ -18,18 +18,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use flotilla_core::autoscale::{Autoscaler, Policy, Retire, RunnerId};
 use flotilla_core::ids::{CellId, Fence, JobId};
 use flotilla_core::job::{FailureClass, InfraReason, Outcome};
 use flotilla_core::runner::{
-    Assignment, JobReport, ReportState, RunnerBackend, RunnerEvent, RunnerEvents, RunnerInfo,
+    Assignment, JobReport, ReportState, RunnerBackend, RunnerError, RunnerEvent, RunnerEvents,
+    RunnerInfo,
 };
 use flotilla_proto::cell::{assign_from_pb, from_job_refs, job_refs, report_to_pb};
 use flotilla_proto::cellpb as pb;
 use flotilla_proto::cellpb::cell_service_client::CellServiceClient;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::pools::{WarmPool, WarmPools};
 
 use pb::agent_message::Msg as Out;
 use pb::federator_message::Msg as In;
@@ -88,6 +92,12 @@ pub struct AgentConfig {
     pub reap_interval: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Warm pools: the pools (of `pools`) whose runners are started ahead of their jobs and
+    /// sized by this policy (its `max` is the pool's size). Pools not named here start a
+    /// runner per attempt. Needs a backend with warm runners (`local`).
+    pub autoscale: BTreeMap<String, Policy>,
+    /// How often warm pools are sized again besides on every change.
+    pub autoscale_interval: Duration,
 }
 
 impl AgentConfig {
@@ -103,6 +113,8 @@ impl AgentConfig {
             logs_dir,
             reap_interval: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
+            autoscale: BTreeMap::new(),
+            autoscale_interval: Duration::from_secs(1),
         }
     }
 }
@@ -124,6 +136,12 @@ pub struct AgentStats {
     pub reaped: AtomicU64,
     /// Reports acknowledged.
     pub acked: AtomicU64,
+    /// Warm runners created.
+    pub runners_prepared: AtomicU64,
+    /// Warm runners deleted by scale-down.
+    pub runners_retired: AtomicU64,
+    /// Fenced runners the backend found running a job, and so kept.
+    pub runners_kept: AtomicU64,
 }
 
 /// A running agent.
@@ -140,6 +158,7 @@ impl Agent {
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(AgentStats::default());
         let (events_tx, events) = mpsc::unbounded_channel();
+        let warm = warm_pools(&config, backend.as_ref());
         let worker = Worker {
             config,
             backend,
@@ -152,6 +171,8 @@ impl Agent {
             next_federator: 0,
             done: Default::default(),
             done_order: VecDeque::new(),
+            warm,
+            prepares: JoinSet::new(),
         };
         let task = tokio::spawn(worker.run(stopped));
         Self { stop, task, stats }
@@ -217,6 +238,33 @@ struct Worker {
     /// a federator re-send does not run them a second time.
     done: std::collections::HashSet<(JobId, Fence)>,
     done_order: VecDeque<(JobId, Fence)>,
+    /// Warm pools, by name.
+    warm: WarmPools,
+    /// Warm runners being created: (pool, runner, outcome).
+    prepares: JoinSet<(String, RunnerId, Result<(), RunnerError>)>,
+}
+
+/// The warm pools `config` asks for, if the backend has warm runners.
+fn warm_pools(config: &AgentConfig, backend: &dyn RunnerBackend) -> WarmPools {
+    if config.autoscale.is_empty() {
+        return WarmPools::new();
+    }
+    if backend.warm().is_none() {
+        tracing::warn!(cell = %config.cell, backend = backend.name(), "This backend has no warm runners yet: every pool starts a runner per attempt, and the autoscaling settings are ignored.");
+        return WarmPools::new();
+    }
+    config
+        .autoscale
+        .iter()
+        .filter(|(pool, _)| config.pools.contains_key(*pool))
+        .map(|(pool, policy)| {
+            let policy = Policy {
+                max: config.pools[pool],
+                ..policy.clone()
+            };
+            (pool.clone(), WarmPool::new(Autoscaler::new(policy)))
+        })
+        .collect()
 }
 
 /// How many ended attempts the agent remembers.
@@ -252,6 +300,9 @@ impl Worker {
         let mut retry_at = Instant::now();
         let mut reap = tokio::time::interval(self.config.reap_interval);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut autoscale = tokio::time::interval(self.config.autoscale_interval);
+        autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let scaling = !self.warm.is_empty();
         loop {
             if session.is_none() && Instant::now() >= retry_at {
                 let connected = tokio::select! {
@@ -320,10 +371,20 @@ impl Worker {
                     }
                 }
                 _ = reap.tick() => self.reap().await,
+                _ = autoscale.tick(), if scaling => self.autoscale(session.as_ref()).await,
+                Some(done) = self.prepares.join_next(), if !self.prepares.is_empty() => {
+                    match done {
+                        Ok((pool, runner, result)) => {
+                            self.prepared(&pool, runner, result, session.as_ref()).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "A runner preparation task failed."),
+                    }
+                }
                 _ = tokio::time::sleep_until(retry_at), if session.is_none() => {}
             }
         }
         drop(session);
+        self.prepares.shutdown().await;
         self.backend.shutdown().await;
         // Drain what the backend reported while shutting down, so logs are complete.
         while let Ok((job, fence, event)) = self.events.try_recv() {
@@ -460,24 +521,157 @@ impl Worker {
             .config
             .pools
             .iter()
-            .map(|(name, max)| {
-                let busy = self
-                    .runs
-                    .values()
-                    .filter(|r| !r.revoked && &r.assignment.pool == name)
-                    .count() as u32;
-                pb::PoolCapacity {
-                    pool: name.clone(),
-                    total: *max,
-                    busy,
-                    idle: max.saturating_sub(busy),
-                    queued: 0,
-                    max: *max,
-                    api_budget,
+            .map(|(name, max)| match self.warm.get(name) {
+                Some(pool) => {
+                    let load = pool.load();
+                    pb::PoolCapacity {
+                        pool: name.clone(),
+                        total: load.total(),
+                        busy: load.busy,
+                        idle: load.idle,
+                        queued: load.queued,
+                        max: *max,
+                        api_budget,
+                        starting: load.starting,
+                    }
+                }
+                None => {
+                    let busy = self
+                        .runs
+                        .values()
+                        .filter(|r| !r.revoked && &r.assignment.pool == name)
+                        .count() as u32;
+                    pb::PoolCapacity {
+                        pool: name.clone(),
+                        total: *max,
+                        busy,
+                        idle: max.saturating_sub(busy),
+                        queued: 0,
+                        max: *max,
+                        api_budget,
+                        starting: 0,
+                    }
                 }
             })
             .collect();
         pb::Heartbeat { pools }
+    }
+
+    /// Takes a job's assignment out of its warm pool's queue if it is still waiting there
+    /// under `fence`.
+    fn unqueue(&mut self, job: JobId, fence: Fence) -> bool {
+        let Some(run) = self.runs.get(&job).filter(|r| r.assignment.fence == fence) else {
+            return false;
+        };
+        let pool = run.assignment.pool.clone();
+        self.warm
+            .get_mut(&pool)
+            .and_then(|p| p.dequeue(job))
+            .is_some()
+    }
+
+    /// Starts assignments on the warm runners the pool gave them.
+    async fn start_on(
+        &mut self,
+        pool: &str,
+        start: Vec<(RunnerId, Assignment)>,
+        session: Option<&Session>,
+    ) {
+        for (runner, a) in start {
+            let (job, fence) = (a.job, a.fence);
+            tracing::info!(cell = %self.config.cell, job = %job, runner = %runner, pool, "Starting on a warm runner.");
+            let started = match self.backend.warm() {
+                Some(w) => w.start_on(runner, a, self.sink.clone()).await,
+                None => Err(RunnerError::Unavailable("no warm runners".into())),
+            };
+            if let Err(e) = started {
+                tracing::warn!(job = %job, runner = %runner, error = %e, "The warm runner refused the attempt.");
+                let crash = Outcome::Failed(FailureClass::Infra {
+                    reason: InfraReason::RunnerCrash,
+                });
+                self.finish(job, fence, crash, now_ms(), session).await;
+            }
+        }
+    }
+
+    /// Sizes every warm pool again and finishes pending retirements.
+    async fn autoscale(&mut self, session: Option<&Session>) {
+        let pools: Vec<String> = self.warm.keys().cloned().collect();
+        for pool in pools {
+            self.scale(&pool, session).await;
+        }
+    }
+
+    /// Sizes one warm pool: starts runners, fences surplus idle ones and retires the fenced
+    /// (phase two: the backend checks each is still idle before deleting it).
+    async fn scale(&mut self, name: &str, session: Option<&Session>) {
+        let Some(pool) = self.warm.get_mut(name) else {
+            return;
+        };
+        let work = pool.decide(now_ms());
+        let fenced = pool.fenced();
+        for runner in work.prepare {
+            self.stats.runners_prepared.fetch_add(1, Ordering::Relaxed);
+            let backend = self.backend.clone();
+            let pool = name.to_owned();
+            self.prepares.spawn(async move {
+                let result = match backend.warm() {
+                    Some(w) => w.prepare(&pool, runner).await,
+                    None => Err(RunnerError::Unavailable("no warm runners".into())),
+                };
+                (pool, runner, result)
+            });
+        }
+        self.start_on(name, work.start, session).await;
+        for runner in fenced {
+            let checked = match self.backend.warm() {
+                Some(w) => w.retire(runner).await,
+                None => return,
+            };
+            let Some(pool) = self.warm.get_mut(name) else {
+                return;
+            };
+            match checked {
+                Ok(busy_with) => match pool.runners.retire(runner, busy_with) {
+                    Retire::Deleted => {
+                        self.stats.runners_retired.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(cell = %self.config.cell, pool = name, runner = %runner, "Retired an idle runner.");
+                    }
+                    Retire::KeptBusy(job) => {
+                        self.stats.runners_kept.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(cell = %self.config.cell, pool = name, runner = %runner, job = %job, "A fenced runner was found running a job; kept.");
+                    }
+                    Retire::NotFenced => {}
+                },
+                Err(e) => {
+                    tracing::warn!(pool = name, runner = %runner, error = %e, "Retiring a runner failed; will try again.");
+                }
+            }
+        }
+    }
+
+    /// A warm runner finished preparing (or failed to).
+    async fn prepared(
+        &mut self,
+        name: &str,
+        runner: RunnerId,
+        result: Result<(), RunnerError>,
+        session: Option<&Session>,
+    ) {
+        let Some(pool) = self.warm.get_mut(name) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                pool.runners.ready(runner);
+                let start = pool.dispatch();
+                self.start_on(name, start, session).await;
+            }
+            Err(e) => {
+                tracing::warn!(cell = %self.config.cell, pool = name, runner = %runner, error = %e, "Preparing a warm runner failed.");
+                pool.runners.lost(runner);
+            }
+        }
     }
 
     /// Handles one federator message; false ends the session.
@@ -493,6 +687,11 @@ impl Worker {
             Some(In::Cancel(c)) => {
                 let (job, fence) = (JobId(c.job), Fence(c.fence));
                 tracing::info!(job = %job, fence = %fence, "Cancelling.");
+                if self.unqueue(job, fence) {
+                    let outcome = Outcome::Failed(FailureClass::Cancelled);
+                    self.finish(job, fence, outcome, now_ms(), session).await;
+                    return true;
+                }
                 if let Err(e) = self.backend.cancel(job, fence).await {
                     tracing::warn!(job = %job, error = %e, "Cancelling failed.");
                 }
@@ -558,6 +757,15 @@ impl Worker {
                 log,
             },
         );
+        if let Some(pool) = self.warm.get_mut(&a.pool) {
+            // A warm pool: the job takes the next idle runner, now or once one is ready.
+            let name = a.pool.clone();
+            pool.enqueue(a);
+            let start = pool.dispatch();
+            self.start_on(&name, start, session).await;
+            self.scale(&name, session).await;
+            return;
+        }
         if let Err(e) = self.backend.start(a, self.sink.clone()).await {
             tracing::warn!(job = %job, error = %e, "The runner backend refused the attempt.");
             self.finish(
@@ -587,6 +795,11 @@ impl Worker {
         run.revoked = true;
         run.log = None;
         self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        if self.unqueue(job, fence) {
+            // It never reached a runner: nothing to kill, and nothing to report.
+            self.runs.remove(&job);
+            return;
+        }
         if let Err(e) = self.backend.cancel(job, fence).await {
             tracing::warn!(job = %job, error = %e, "Killing a revoked runner failed; the reaper will retry.");
         }
@@ -721,6 +934,9 @@ impl Worker {
             return;
         }
         let run = self.runs.remove(&job).expect("checked");
+        if let Some(pool) = self.warm.get_mut(&run.assignment.pool) {
+            pool.job_ended(job);
+        }
         if self.done.insert((job, fence)) {
             self.done_order.push_back((job, fence));
             if self.done_order.len() > DONE_MEMORY

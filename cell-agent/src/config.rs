@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use flotilla_core::ids::CellId;
 use serde::Deserialize;
 
 use crate::backend::SandboxMode;
 use crate::backend::kubernetes::KubeConfig;
+use crate::backend::kubernetes::config::duration;
+use flotilla_core::autoscale::{FloorPolicy, Period, Policy};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,9 +26,10 @@ pub struct AgentFile {
     /// Labels matched by jobs' `placement.labels`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Runner pools: name → most runners at once (default `default: 4`).
+    /// Runner pools: name → most runners at once (`default: 4`, the default), or a warm
+    /// pool sized by total workload (`large: { max: 20, min: 2 }`, see [`WarmPoolFile`]).
     #[serde(default = "default_pools")]
-    pub pools: BTreeMap<String, u32>,
+    pub pools: BTreeMap<String, PoolFile>,
     /// Cell-session addresses (`host:port`) of federator replicas.
     pub federators: Vec<String>,
     /// Where the agent keeps job logs (and, for `local`, workspaces and git mirrors).
@@ -103,8 +107,153 @@ fn default_region() -> String {
     "local".into()
 }
 
-fn default_pools() -> BTreeMap<String, u32> {
-    BTreeMap::from([(flotilla_core::state::DEFAULT_POOL.to_owned(), 4)])
+fn default_pools() -> BTreeMap<String, PoolFile> {
+    BTreeMap::from([(
+        flotilla_core::state::DEFAULT_POOL.to_owned(),
+        PoolFile::Size(4),
+    )])
+}
+
+/// One pool: a size, or a warm pool.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolFile {
+    /// At most this many runners, each started when its job arrives.
+    Size(u32),
+    /// Runners started ahead of their jobs, as many as the total workload needs.
+    Warm(WarmPoolFile),
+}
+
+impl PoolFile {
+    /// The most runners at once.
+    pub fn max(&self) -> u32 {
+        match self {
+            PoolFile::Size(n) => *n,
+            PoolFile::Warm(w) => w.max,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PoolFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PoolFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of runners, or a warm pool such as `{ max: 20, min: 2 }`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PoolFile, E> {
+                u32::try_from(v)
+                    .map(PoolFile::Size)
+                    .map_err(|_| E::custom(format!("{v} runners is too many")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PoolFile, E> {
+                Err(E::custom(format!("a pool needs a positive size, not {v}")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PoolFile, A::Error> {
+                WarmPoolFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PoolFile::Warm)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A warm pool (ARCHITECTURE §8, docs/operations.md "Runner pools"): runners are started
+/// before their jobs and sized by the pool's total workload, `(busy + queued) / total`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmPoolFile {
+    /// Most runners at once (the pool's size as placement sees it).
+    pub max: u32,
+    /// Runners kept even with no work.
+    #[serde(default)]
+    pub min: u32,
+    /// Share of runners that should be busy (0–1]; 0.8 keeps a fifth warm.
+    #[serde(default = "default_target")]
+    pub target_utilisation: f64,
+    /// Most runners started by one decision.
+    #[serde(default = "default_step")]
+    pub scale_up_step: u32,
+    /// Wait after starting runners before starting more, such as `2s`.
+    #[serde(default = "default_cooldown", deserialize_with = "duration")]
+    pub scale_up_cooldown: Duration,
+    /// How long the pool must be larger than needed before idle runners go, such as `2m`.
+    #[serde(default = "default_scale_down_delay", deserialize_with = "duration")]
+    pub scale_down_delay: Duration,
+    /// The time-of-day floor learnt from the demand of earlier weeks; `null` turns it off.
+    #[serde(default = "default_floor")]
+    pub floor: Option<FloorFile>,
+}
+
+/// How the time-of-day floor is learnt.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FloorFile {
+    /// `week` (the same hour of the week) or `day` (the same hour every day).
+    #[serde(default = "default_period")]
+    pub period: Period,
+    /// Quantile of the hour's past peaks to keep warm (0–1).
+    #[serde(default = "default_quantile")]
+    pub quantile: f64,
+    /// Past periods to learn from.
+    #[serde(default = "default_periods")]
+    pub periods: u32,
+    /// How far ahead to look, such as `15m`.
+    #[serde(default = "default_lookahead", deserialize_with = "duration")]
+    pub lookahead: Duration,
+}
+
+fn default_target() -> f64 {
+    Policy::default().target_utilisation
+}
+fn default_step() -> u32 {
+    Policy::default().scale_up_step
+}
+fn default_cooldown() -> Duration {
+    Duration::from_millis(Policy::default().scale_up_cooldown_ms)
+}
+fn default_scale_down_delay() -> Duration {
+    Duration::from_millis(Policy::default().scale_down_delay_ms)
+}
+fn default_floor() -> Option<FloorFile> {
+    Some(FloorFile {
+        period: default_period(),
+        quantile: default_quantile(),
+        periods: default_periods(),
+        lookahead: default_lookahead(),
+    })
+}
+fn default_period() -> Period {
+    FloorPolicy::default().period
+}
+fn default_quantile() -> f64 {
+    FloorPolicy::default().quantile
+}
+fn default_periods() -> u32 {
+    FloorPolicy::default().periods
+}
+fn default_lookahead() -> Duration {
+    Duration::from_millis(FloorPolicy::default().lookahead_ms)
+}
+
+impl WarmPoolFile {
+    /// The core policy.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            min: self.min,
+            max: self.max,
+            target_utilisation: self.target_utilisation,
+            scale_up_step: self.scale_up_step,
+            scale_up_cooldown_ms: self.scale_up_cooldown.as_millis() as u64,
+            scale_down_delay_ms: self.scale_down_delay.as_millis() as u64,
+            floor: self.floor.as_ref().map(|f| FloorPolicy {
+                period: f.period,
+                quantile: f.quantile,
+                periods: f.periods,
+                lookahead_ms: f.lookahead.as_millis() as u64,
+            }),
+        }
+    }
 }
 
 impl AgentFile {
@@ -121,14 +270,45 @@ impl AgentFile {
         Ok(parsed)
     }
 
+    /// Each pool's size.
+    pub fn pool_sizes(&self) -> BTreeMap<String, u32> {
+        self.pools
+            .iter()
+            .map(|(name, p)| (name.clone(), p.max()))
+            .collect()
+    }
+
+    /// The warm pools' policies.
+    pub fn autoscale(&self) -> BTreeMap<String, Policy> {
+        self.pools
+            .iter()
+            .filter_map(|(name, p)| match p {
+                PoolFile::Warm(w) => Some((name.clone(), w.policy())),
+                PoolFile::Size(_) => None,
+            })
+            .collect()
+    }
+
     /// Checks what can be checked without connecting anywhere.
     pub fn validate(&self) -> Result<(), String> {
         CellId::new(&self.cell).map_err(|e| format!("cell: {e}"))?;
         if self.federators.is_empty() {
             return Err("federators: list at least one replica's cell-session address".into());
         }
-        if self.pools.is_empty() || self.pools.values().any(|n| *n == 0) {
+        if self.pools.is_empty() || self.pools.values().any(|p| p.max() == 0) {
             return Err("pools: give at least one pool, each with a positive size".into());
+        }
+        for (name, pool) in &self.pools {
+            let PoolFile::Warm(w) = pool else { continue };
+            w.policy()
+                .validate()
+                .map_err(|e| format!("pools.{name}: {e}"))?;
+            if matches!(self.backend, BackendFile::Kubernetes(_)) {
+                return Err(format!(
+                    "pools.{name}: warm pools need the local backend for now (warm pods for kubernetes are not built yet); give the pool a size instead, such as `{name}: {}`",
+                    w.max
+                ));
+            }
         }
         if let BackendFile::Kubernetes(k) = &self.backend {
             k.validate().map_err(|e| e.to_string())?;
@@ -154,6 +334,56 @@ mod tests {
         assert_eq!(k.image_pull_deadline, std::time::Duration::from_secs(120));
         assert_eq!(k.runtime_class.as_deref(), Some("gvisor"));
         assert_eq!(f.pools, default_pools());
+        assert_eq!(f.pool_sizes(), BTreeMap::from([("default".to_owned(), 4)]));
+        assert!(f.autoscale().is_empty());
+    }
+
+    #[test]
+    fn a_pool_is_a_size_or_a_warm_pool_with_its_policy() {
+        let text = "cell: a\nfederators: [x]\ndata_dir: /d\nauth: { token_file: /t }\n\
+                    backend: { local: {} }\npools:\n  default: 4\n  large:\n    max: 20\n    min: 2\n\
+                    \x20   scale_down_delay: 5m\n    floor: { period: day, lookahead: 30m }\n  quick: { max: 3, floor: null }\n";
+        let f = AgentFile::from_yaml("agent.yaml", text).expect("valid");
+        assert_eq!(
+            f.pool_sizes(),
+            BTreeMap::from([
+                ("default".to_owned(), 4),
+                ("large".to_owned(), 20),
+                ("quick".to_owned(), 3)
+            ])
+        );
+        let policies = f.autoscale();
+        assert_eq!(policies.len(), 2);
+        let large = &policies["large"];
+        assert_eq!((large.min, large.max), (2, 20));
+        assert_eq!(large.scale_down_delay_ms, 300_000);
+        let floor = large.floor.as_ref().unwrap();
+        assert_eq!((floor.period, floor.lookahead_ms), (Period::Day, 1_800_000));
+        assert_eq!(floor.quantile, FloorPolicy::default().quantile);
+        assert_eq!(policies["quick"].floor, None);
+    }
+
+    #[test]
+    fn a_warm_pool_that_cannot_work_is_refused_with_where_and_what_to_do() {
+        let base = "cell: a\nfederators: [x]\ndata_dir: /d\nauth: { token_file: /t }\n";
+        let text =
+            format!("{base}backend: {{ local: {{}} }}\npools:\n  large: {{ max: 2, min: 5 }}\n");
+        let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("min above max");
+        assert!(
+            err.contains("pools.large") && err.contains("lower min"),
+            "{err}"
+        );
+        let text =
+            format!("{base}backend: {{ local: {{}} }}\npools:\n  large: {{ max: 2, mni: 1 }}\n");
+        let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("typo");
+        assert!(
+            err.starts_with("agent.yaml:7:") && err.contains("mni"),
+            "{err}"
+        );
+        let text =
+            format!("{base}backend: {{ kubernetes: {{}} }}\npools:\n  large: {{ max: 2 }}\n");
+        let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("kubernetes");
+        assert!(err.contains("`large: 2`"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod backend;
 pub mod config;
+mod pools;
 pub mod runner;
 
 pub use agent::{Agent, AgentAuth, AgentConfig, AgentStats};

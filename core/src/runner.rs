@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::autoscale::RunnerId;
 use crate::ids::{Attempt, BuildId, Fence, JobId, ProjectId};
 use crate::job::Outcome;
 use crate::pipeline::{Resources, Step};
@@ -213,6 +214,38 @@ pub trait RunnerBackend: Send + Sync + std::fmt::Debug + 'static {
     fn api_budget(&self) -> Option<u32> {
         None
     }
+
+    /// The backend's warm runners, if it keeps runners started ahead of their job (ARCHITECTURE
+    /// §8, warm pools). A backend without them starts a runner per attempt in [`start`].
+    ///
+    /// [`start`]: RunnerBackend::start
+    fn warm(&self) -> Option<&dyn WarmRunners> {
+        None
+    }
+}
+
+/// Runners started before there is a job for them, each taking exactly one job. The cell
+/// agent decides how many there are ([`crate::autoscale`]) and keeps their
+/// [`RunnerPool`](crate::autoscale::RunnerPool); the backend only creates, hands over and
+/// deletes them.
+pub trait WarmRunners: Send + Sync {
+    /// Creates runner `runner` for `pool` and resolves once it can take a job at once (a pod
+    /// running with its image pulled, a sandbox ready), or with why it could not.
+    fn prepare(&self, pool: &str, runner: RunnerId) -> BoxFuture<'_, Result<(), RunnerError>>;
+
+    /// Runs `assignment` on the prepared runner `runner`, as [`RunnerBackend::start`] would
+    /// on a new one; the runner is used up.
+    fn start_on(
+        &self,
+        runner: RunnerId,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>>;
+
+    /// Phase two of scale-down: deletes `runner` if it is still idle (`Ok(None)`; also when
+    /// it is already gone), or leaves it alone and says which job it is running
+    /// (`Ok(Some(job))`). An error leaves it as it was, to be retired again later.
+    fn retire(&self, runner: RunnerId) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>>;
 }
 
 /// Where an attempt got to, as a cell reports it to the federator.

@@ -498,3 +498,140 @@ async fn an_agent_that_restarts_takes_over_runners_that_outlived_it_and_the_atte
     backend.local.shutdown().await;
     c.shutdown().await;
 }
+
+const TWO_SLOW: &str = r#"version: 1
+defaults: { image: "debian:12" }
+jobs:
+  one: { run: "sleep 1 && echo one-done" }
+  two: { run: "sleep 4 && echo two-done" }
+"#;
+
+/// The warm runners' sandboxes the local backend holds ready.
+fn warm_dirs(work_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(work_dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pool_runs_jobs_on_ready_runners_scales_with_the_workload_and_retires_only_idle_ones()
+ {
+    use flotilla_core::autoscale::Policy;
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit("main", &[(".ci.yaml", TWO_SLOW)]);
+    c.project("web", &repo.url(), "github").await;
+    let backend = LocalBackend::new(LocalConfig::new(dir.path().join("warm-cell"))).unwrap();
+    let work_dir = backend.config().work_dir.clone();
+    let mut config = AgentConfig::new(
+        CellId::new("warm-cell").unwrap(),
+        vec![c.cells_addr(0)],
+        AgentAuth::Token(CELL_TOKEN.into()),
+        c.logs_dir(),
+    );
+    // Two runners always warm; at half utilisation, two busy runners want four.
+    config.autoscale = [(
+        "default".to_owned(),
+        Policy {
+            min: 2,
+            max: 8,
+            target_utilisation: 0.5,
+            scale_up_cooldown_ms: 0,
+            scale_down_delay_ms: 300,
+            floor: None,
+            ..Policy::default()
+        },
+    )]
+    .into();
+    config.pools = [("default".to_owned(), 8)].into();
+    config.autoscale_interval = Duration::from_millis(100);
+    let agent = Agent::start(config, Arc::new(backend));
+    wait_connected(&c, &["warm-cell"]).await;
+    let stats = agent.stats().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while warm_dirs(&work_dir) < 2 {
+        assert!(Instant::now() < deadline, "the minimum never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.runners_prepared.load(Ordering::Relaxed), 2);
+
+    let (status, ack) = github_push(&c, 0, "web", "d-1", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{ack}");
+    let id = ack["build_id"].as_str().unwrap().to_owned();
+    // Both jobs take the two warm runners and the pool grows by two for the workload; once
+    // `one` is done, one runner too many is idle and goes while `two` still runs — the idle
+    // one, never `two`'s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.runners_retired.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no scale-down while the jobs ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let build = finished_build(&c, &id, Duration::from_secs(30)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+    for name in ["one", "two"] {
+        let j = job(&c, &job_id(&build, name)).await;
+        assert_eq!(j["status"], "succeeded", "a busy runner was killed: {j}");
+        assert_eq!(j["attempt"], 1, "{j}");
+        assert!(
+            logs(&c, &job_id(&build, name))
+                .await
+                .contains(&format!("{name}-done"))
+        );
+    }
+    let (_, two) = c
+        .get(&format!("/api/v1/jobs/{}", job_id(&build, "two")), ADMIN)
+        .await;
+    assert_eq!(two["status"], "succeeded", "{two}");
+    assert_eq!(stats.runners_kept.load(Ordering::Relaxed), 0);
+    // Back to the minimum: two warm sandboxes, as the federator sees it too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, cells) = c.get("/api/v1/cells", ADMIN).await;
+        let pool = &cells[0]["capacity"]["default"];
+        if warm_dirs(&work_dir) == 2 && pool["idle"] == 2 && pool["busy"] == 0 {
+            assert_eq!(pool["workload"], 0.0, "{pool}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back to two warm runners: {} dirs, {pool}",
+            warm_dirs(&work_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two at first, two more for the workload, one to get back to the minimum.
+    assert_eq!(stats.runners_prepared.load(Ordering::Relaxed), 5);
+    let metrics = c
+        .client
+        .get(c.url(0, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "flotilla_pool_runners{cell=\"warm-cell\",pool=\"default\",state=\"idle\"} 2"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flotilla_pool_workload{cell=\"warm-cell\",pool=\"default\"} 0"));
+    agent.shutdown().await;
+    assert_eq!(
+        warm_dirs(&work_dir),
+        0,
+        "warm sandboxes are removed on shutdown"
+    );
+    c.shutdown().await;
+}

@@ -30,9 +30,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use flotilla_core::autoscale::RunnerId;
 use flotilla_core::job::Outcome;
 use flotilla_core::runner::{
-    Assignment, BoxFuture, RunnerBackend, RunnerError, RunnerEvents, RunnerInfo,
+    Assignment, BoxFuture, RunnerBackend, RunnerError, RunnerEvents, RunnerInfo, WarmRunners,
 };
 use flotilla_core::{Fence, JobId};
 use tokio::sync::watch;
@@ -111,6 +112,8 @@ struct State {
     running: HashMap<JobId, Running>,
     /// Every attempt task not yet awaited; finished ones are pruned on the next start.
     tasks: Vec<AttemptTask>,
+    /// Warm runners: pre-created, empty workspaces waiting for one attempt each.
+    warm: HashMap<RunnerId, PathBuf>,
 }
 
 struct Running {
@@ -152,6 +155,14 @@ impl LocalBackend {
                 .any(|hidden| dir.starts_with(hidden))
             {
                 config.hidden_dirs.push(dir);
+            }
+        }
+        // Warm sandboxes a previous agent left behind are no runner of this one's.
+        if let Ok(entries) = std::fs::read_dir(&config.work_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("warm-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
         let isolation = sandbox::resolve(config.sandbox, config.bwrap_path.as_deref());
@@ -207,6 +218,10 @@ impl Inner {
 
     fn workspace_path(&self, job: &JobId, fence: Fence) -> PathBuf {
         self.config.work_dir.join(format!("{job}-{fence}"))
+    }
+
+    fn warm_path(&self, runner: RunnerId) -> PathBuf {
+        self.config.work_dir.join(format!("warm-{runner}"))
     }
 
     /// Called by an attempt's task when its first step started.
@@ -347,17 +362,27 @@ impl RunnerBackend for LocalBackend {
         })
     }
 
+    fn warm(&self) -> Option<&dyn WarmRunners> {
+        Some(self)
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let _admission = self.inner.admission.lock().await;
-            let tasks = {
+            let (tasks, warm) = {
                 let mut state = self.inner.state();
                 state.closed = true;
                 for running in state.running.values() {
                     running.stop.send_replace(true);
                 }
-                std::mem::take(&mut state.tasks)
+                (
+                    std::mem::take(&mut state.tasks),
+                    std::mem::take(&mut state.warm),
+                )
             };
+            for dir in warm.into_values() {
+                let _ = tokio::fs::remove_dir(&dir).await;
+            }
             tracing::info!(
                 attempts = tasks.len(),
                 "Local runner backend shutting down."
@@ -367,6 +392,76 @@ impl RunnerBackend for LocalBackend {
                     tracing::error!(job = %task.job, fence = %task.fence, error = %e, "Attempt task failed.");
                 }
             }
+        })
+    }
+}
+
+/// Warm local runners are pre-created sandboxes: an empty workspace directory made (and so
+/// checked writable) ahead of the job, which the attempt then runs in. Runners are only
+/// handed out by the agent's pool, so one can never be taken behind its back: `retire`
+/// finds a runner idle or gone.
+impl WarmRunners for LocalBackend {
+    fn prepare(&self, pool: &str, runner: RunnerId) -> BoxFuture<'_, Result<(), RunnerError>> {
+        let pool = pool.to_owned();
+        Box::pin(async move {
+            if self.inner.state().closed {
+                return Err(unavailable());
+            }
+            let dir = self.inner.warm_path(runner);
+            let made = async {
+                attempt::clear_dir(&dir).await?;
+                tokio::fs::create_dir_all(&dir).await
+            };
+            made.await.map_err(|e| {
+                RunnerError::Internal(format!("cannot prepare {}: {e}", dir.display()))
+            })?;
+            let mut state = self.inner.state();
+            if state.closed {
+                drop(state);
+                let _ = std::fs::remove_dir(&dir);
+                return Err(unavailable());
+            }
+            state.warm.insert(runner, dir);
+            tracing::debug!(runner = %runner, pool = %pool, "Warm runner ready.");
+            Ok(())
+        })
+    }
+
+    fn start_on(
+        &self,
+        runner: RunnerId,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        Box::pin(async move {
+            let dir = self.inner.state().warm.remove(&runner).ok_or_else(|| {
+                RunnerError::Internal(format!("warm runner {runner} is not ready here"))
+            })?;
+            // The sandbox becomes the attempt's workspace; the attempt keeps an empty
+            // directory it finds in place.
+            let workspace = self.inner.workspace_path(&assignment.job, assignment.fence);
+            if let Err(e) = tokio::fs::rename(&dir, &workspace).await {
+                tracing::warn!(runner = %runner, error = %e, "Could not move a warm workspace into place; starting afresh.");
+                let _ = tokio::fs::remove_dir(&dir).await;
+            }
+            self.start(assignment, events).await
+        })
+    }
+
+    fn retire(&self, runner: RunnerId) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>> {
+        Box::pin(async move {
+            let dir = self.inner.state().warm.remove(&runner);
+            if let Some(dir) = dir
+                && let Err(e) = attempt::clear_dir(&dir).await
+            {
+                // Put it back: it is still a runner until its directory is gone.
+                self.inner.state().warm.insert(runner, dir.clone());
+                return Err(RunnerError::Internal(format!(
+                    "cannot remove {}: {e}",
+                    dir.display()
+                )));
+            }
+            Ok(None)
         })
     }
 }

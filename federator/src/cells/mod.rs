@@ -104,6 +104,8 @@ pub struct PoolLoad {
     pub busy: u32,
     /// Runners waiting for one.
     pub idle: u32,
+    /// Runners being created (counted in `total`).
+    pub starting: u32,
     /// Jobs waiting in the cell for a runner of the pool.
     pub queued: u32,
     /// The most runners the pool may have.
@@ -147,6 +149,7 @@ impl CellLoad {
                             total: p.total,
                             busy: p.busy,
                             idle: p.idle,
+                            starting: p.starting,
                             queued: p.queued,
                             max: p.max,
                         },

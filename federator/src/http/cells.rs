@@ -82,6 +82,7 @@ fn cell_views(app: &App, only: Option<&CellId>) -> Vec<CellView> {
                                             total: p.total,
                                             busy: p.busy,
                                             idle: p.idle,
+                                            starting: p.starting,
                                             queued: p.queued,
                                             max: p.max,
                                             workload: p.workload(),
@@ -367,6 +368,39 @@ pub(super) async fn metrics(AppState(app): Shared) -> Response {
     out.push_str(&format!(
         "# HELP flotilla_jobs Jobs by phase group.\n# TYPE flotilla_jobs gauge\nflotilla_jobs{{phase=\"queued\"}} {queued}\nflotilla_jobs{{phase=\"out\"}} {running}\n"
     ));
+    // Per connected cell and pool, from the last heartbeats: cells and pools are configured
+    // by operators, so the labels stay a small set.
+    let mut live: Vec<_> = app.cells.live().into_iter().collect();
+    live.sort_by(|a, b| a.0.cmp(&b.0));
+    out.push_str("# HELP flotilla_pool_workload Total workload (busy + queued) / total of each pool, as its cell last reported.\n# TYPE flotilla_pool_workload gauge\n");
+    for (cell, l) in &live {
+        for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
+            if let Some(w) = p.workload() {
+                out.push_str(&format!(
+                    "flotilla_pool_workload{{cell=\"{cell}\",pool=\"{pool}\"}} {w}\n"
+                ));
+            }
+        }
+    }
+    out.push_str("# HELP flotilla_pool_runners Runners of each pool by state, as its cell last reported.\n# TYPE flotilla_pool_runners gauge\n");
+    for (cell, l) in &live {
+        for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
+            for (state, n) in [("busy", p.busy), ("idle", p.idle), ("starting", p.starting)] {
+                out.push_str(&format!(
+                    "flotilla_pool_runners{{cell=\"{cell}\",pool=\"{pool}\",state=\"{state}\"}} {n}\n"
+                ));
+            }
+        }
+    }
+    out.push_str("# HELP flotilla_pool_queued_jobs Jobs waiting in each cell for a runner of the pool.\n# TYPE flotilla_pool_queued_jobs gauge\n");
+    for (cell, l) in &live {
+        for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
+            out.push_str(&format!(
+                "flotilla_pool_queued_jobs{{cell=\"{cell}\",pool=\"{pool}\"}} {}\n",
+                p.queued
+            ));
+        }
+    }
     out.push_str(&format!(
         "# HELP flotilla_raft_leader Whether this replica leads.\n# TYPE flotilla_raft_leader gauge\nflotilla_raft_leader {}\n",
         u8::from(leader)

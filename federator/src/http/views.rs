@@ -298,8 +298,10 @@ pub(super) struct PoolView {
     pub total: u32,
     /// Runners running a job.
     pub busy: u32,
-    /// Runners waiting for a job.
+    /// Runners waiting for a job (the warm pool).
     pub idle: u32,
+    /// Runners being created (counted in `total`).
+    pub starting: u32,
     /// Jobs waiting in the cell for a runner.
     pub queued: u32,
     /// Most runners the pool may have.

@@ -534,9 +534,21 @@ fn deadline_after(after: Duration) -> Instant {
 }
 
 /// An empty directory at `path`, replacing whatever a previous run left there.
+/// An empty directory at `path`: one already there and empty (a warm runner's sandbox) is
+/// kept, anything else is replaced.
 async fn fresh_dir(path: &Path) -> io::Result<()> {
+    if let Ok(mut entries) = tokio::fs::read_dir(path).await
+        && entries.next_entry().await?.is_none()
+    {
+        return Ok(());
+    }
     remove_tree(path).await?;
     tokio::fs::create_dir_all(path).await
+}
+
+/// Removes whatever is at `path` (a directory tree), if anything.
+pub(super) async fn clear_dir(path: &Path) -> io::Result<()> {
+    remove_tree(path).await
 }
 
 /// Removes a directory tree, including the read-only directories some tools create on
