@@ -1610,3 +1610,147 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The book starting over, and ids reused outside `apply`.
+
+fn two_projects_with_different_homes(w: &World) -> ((String, CellId), (String, CellId)) {
+    let mut ps: Vec<(String, CellId)> = Vec::new();
+    for i in 0.. {
+        let p = format!("p-{i}");
+        let h = home_cell(&pid(&p), w.state.cells.values()).unwrap();
+        if ps.iter().all(|(_, hh)| *hh != h) {
+            ps.push((p, h));
+        }
+        if ps.len() == 2 {
+            break;
+        }
+    }
+    (ps[0].clone(), ps[1].clone())
+}
+
+impl World {
+    /// One build per 50 jobs, each job with a unique label constraint; returns the builds.
+    fn unique_class_builds(&mut self, project: &str, n: usize) -> Vec<flotilla_core::BuildId> {
+        let mut builds = Vec::new();
+        let mut k = 0;
+        while k < n {
+            let size = (n - k).min(BUILD_SIZE);
+            let now_ms = self.now;
+            let build = match self
+                .ok(Command::IngestEvent {
+                    project: pid(project),
+                    delivery: None,
+                    event: ForgeEvent::Push {
+                        branch: "main".into(),
+                        sha: SHA.into(),
+                        changed_paths: None,
+                        actor: "octocat".into(),
+                    },
+                    now_ms,
+                })
+                .response
+            {
+                Response::Ingested { build, .. } => build,
+                other => panic!("{other:?}"),
+            };
+            let jobs = (0..size)
+                .map(|i| {
+                    let mut j = self.template.clone();
+                    j.name = format!("j{i}");
+                    j.key = j.name.clone();
+                    let v = format!("v{}", k + i);
+                    j.placement = constraints(None, &[("uniq", v.as_str())], None);
+                    j
+                })
+                .collect();
+            let now_ms = self.now;
+            self.ok(Command::ResolvePipeline {
+                build,
+                sha: Some(SHA.into()),
+                resolution: Resolution::Jobs {
+                    jobs,
+                    concurrency: None,
+                },
+                now_ms,
+            });
+            builds.push(build);
+            k += size;
+        }
+        builds
+    }
+}
+
+#[test]
+fn a_kept_scheduler_that_starts_its_book_over_forgets_the_home_cells_it_knew() {
+    let mut w = World::new();
+    let names = ["c-1", "c-2", "c-3", "c-4"];
+    for n in names {
+        w.cell(n, "eu", &[], &[("default", 10)]);
+    }
+    let ((a, home_a), (b, home_b)) = two_projects_with_different_homes(&w);
+    w.project(&a, None, 1);
+    w.project(&b, None, 1);
+    let cells = live(&names);
+    // a is interned as project 0 and its home cached at index 0.
+    let ja = w.jobs(&a, 1, &any_cell())[0];
+    let s = w.tick(&cells, 10);
+    assert_eq!(s.placements[0].cell, home_a);
+    w.commit(s.placements);
+    let f = w.fence(ja);
+    w.start(ja);
+    w.finish_with(ja, f);
+    // Over 1,024 constraint classes come and go.
+    let builds = w.unique_class_builds(&a, 1_100);
+    let s = w.tick(&cells, 10);
+    assert_eq!(s.waiting.unplaceable.len(), 1_100);
+    for build in builds {
+        let now_ms = w.now;
+        w.ok(Command::CancelBuild { build, now_ms });
+    }
+    w.tick(&cells, 10);
+    // The book now starts over; b is interned first, as project 0.
+    let jb = w.jobs(&b, 1, &any_cell())[0];
+    let fresh = schedule(&Snapshot {
+        state: &w.state,
+        live: &cells,
+        now_ms: w.now,
+        lease_ttl_ms: TTL,
+        limit: 10,
+    });
+    assert_eq!(fresh.placements[0].job, jb);
+    assert_eq!(fresh.placements[0].cell, home_b, "fresh goes to b's home");
+    let kept = w.scheduler.schedule(&Snapshot {
+        state: &w.state,
+        live: &cells,
+        now_ms: w.now,
+        lease_ttl_ms: TTL,
+        limit: 10,
+    });
+    assert_eq!(
+        kept.placements[0].cell, home_b,
+        "kept scheduler used a's cached home: {:?}",
+        kept.placements
+    );
+}
+
+#[test]
+fn a_job_id_put_back_as_another_projects_job_is_read_afresh() {
+    let mut w = World::new();
+    w.cell("c-1", "eu", &[], &[("default", 2)]);
+    w.project("a", None, 1);
+    w.project("b", None, 1);
+    let cells = live(&["c-1"]);
+    // a runs one job; b and a each have one queued.
+    let run = w.jobs("a", 1, &any_cell())[0];
+    w.place_on(run, "c-1");
+    let qa = w.jobs("a", 1, &any_cell())[0];
+    let qb = w.jobs("b", 1, &any_cell())[0];
+    let _ = (qa, qb);
+    w.tick(&cells, 10);
+    // Job `run` finishes; `qb` is swapped for an identical job of project "a" under the same id.
+    let mut job = w.state.jobs.remove(&qb).unwrap();
+    job.project = pid("a");
+    w.state.jobs.insert(qb, job);
+    w.tick(&cells, 10); // asserts kept == fresh
+}

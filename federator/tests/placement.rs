@@ -486,7 +486,9 @@ async fn a_cells_api_budget_paces_its_pods_from_the_moment_it_connects() {
         let placed = js.iter().filter(|j| j["cell"] == "cell-a").count();
         if placed > 0 {
             let since = first.get_or_insert_with(Instant::now).elapsed();
-            let allowed = 10 + (10.0 * since.as_secs_f64()).floor() as usize + 3;
+            // `since` starts when the test first saw a placement, up to a poll (and a
+            // loaded machine's delay) after the first one: room for 8 more.
+            let allowed = 10 + (10.0 * since.as_secs_f64()).floor() as usize + 8;
             assert!(
                 placed <= allowed,
                 "{placed} placed {since:?} after the first, budget allows {allowed}: {}",

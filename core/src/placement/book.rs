@@ -182,12 +182,14 @@ pub(super) struct Book {
 const SLACK: usize = 1_024;
 
 impl Book {
-    /// Brings the book up to date with `state`.
-    pub(super) fn sync(&mut self, state: &State) {
-        if self.projects.len() > 2 * state.projects.len() + SLACK
+    /// Brings the book up to date with `state`. True when it started over, interning
+    /// projects afresh: whatever is kept by the book's project index elsewhere (home cells)
+    /// must be forgotten.
+    pub(super) fn sync(&mut self, state: &State) -> bool {
+        let restart = self.projects.len() > 2 * state.projects.len() + SLACK
             || self.cells.len() > 2 * state.cells.len() + SLACK
-            || self.classes.len() > 2 * self.classes.in_use() + SLACK
-        {
+            || self.classes.len() > 2 * self.classes.in_use() + SLACK;
+        if restart {
             // Projects, cells or constraints came and went: forget them.
             *self = Book::default();
         }
@@ -229,6 +231,7 @@ impl Book {
             }
         }
         self.cursor = Some(state.jobs.cursor());
+        restart
     }
 
     /// Leased and running jobs in a pool (interned) of a cell (interned).

@@ -125,7 +125,8 @@ pub(crate) struct HomeCache {
     cells: Vec<(CellId, u64)>,
     /// Their ring; each returns its position in `cells`.
     ring: Option<Ring<u32>>,
-    /// By interned project: its home's position in `cells`, once worked out.
+    /// By the book's interned project index: its home's position in `cells`, once worked
+    /// out. The owner starts the cache over whenever the book re-interns its projects.
     homes: Vec<Option<Option<u32>>>,
 }
 

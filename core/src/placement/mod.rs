@@ -32,7 +32,8 @@
 //! project and per cell pool — and brings it up to date each tick from the job table's change
 //! log ([`Jobs::changed_since`](crate::state::Jobs::changed_since)), reading only the jobs that
 //! changed. A tick then costs those changes (a lookup and a set update each), the cells,
-//! projects and queues (not their jobs), and O(log n) per decision: it never walks the jobs.
+//! projects and queues (not their jobs), and O(log n) per decision; the only jobs it walks
+//! are the unplaceable ones, which it lists.
 //! Home cells are remembered while the cells stay the same. The one-off [`schedule`] builds
 //! the book from every job; `core/examples/bench_placement.rs` measures both ways.
 //!

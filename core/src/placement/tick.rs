@@ -15,7 +15,9 @@ use crate::state::{CellState, Placement, State};
 
 /// Runs one tick, updating `book` and `homes` to the snapshot's state.
 pub(super) fn run(s: &Snapshot<'_>, book: &mut Book, homes: &mut HomeCache) -> Schedule {
-    book.sync(s.state);
+    if book.sync(s.state) {
+        *homes = HomeCache::default();
+    }
     homes.refresh(s.state.cells.values());
     let mut t = Tick::new(s.state, s.live, book);
     t.queues();

@@ -49,7 +49,9 @@ impl State {
                 let fence = Fence(index);
                 // Each build's status once per entry, not once per job: a monorepo's build
                 // of 5,000 jobs placed 512 at a time would otherwise be read 512 times.
-                let mut builds: Vec<BuildId> = Vec::new();
+                // The version still moves once per placed job, as it did when each placement
+                // refreshed its build: replicas replaying the same log must agree.
+                let mut builds: Vec<(BuildId, u64)> = Vec::new();
                 for p in placements {
                     let placed = self.place(
                         p.job,
@@ -59,14 +61,18 @@ impl State {
                         now_ms,
                         &mut events,
                     );
-                    if let Some(b) = placed
-                        && !builds.contains(&b)
-                    {
-                        builds.push(b);
+                    if let Some(b) = placed {
+                        match builds.iter_mut().find(|(id, _)| *id == b) {
+                            Some((_, n)) => *n += 1,
+                            None => builds.push((b, 1)),
+                        }
                     }
                 }
-                for b in builds {
+                for (b, n) in builds {
                     self.refresh_build(b, now_ms, &mut events);
+                    if let Some(build) = self.builds.get_mut(&b) {
+                        build.version += n - 1;
+                    }
                 }
                 Ok(Response::Ok)
             }

@@ -39,6 +39,8 @@ pub struct JobCursor {
 /// The jobs by id, with the log of which changed (see the module docs).
 pub struct Jobs {
     map: BTreeMap<JobId, Job>,
+    /// The largest id ever inserted in this epoch: `apply` only ever adds larger ones.
+    newest: Option<JobId>,
     epoch: u64,
     /// The position of `log[0]`.
     base: u64,
@@ -53,6 +55,7 @@ impl Jobs {
 
     fn from_map(map: BTreeMap<JobId, Job>) -> Self {
         Jobs {
+            newest: map.keys().next_back().copied(),
             map,
             epoch: fresh_epoch(),
             base: 0,
@@ -77,13 +80,18 @@ impl Jobs {
         self.map.get_mut(id)
     }
 
-    /// Adds a job, returning the one it replaces. Replacing a job under the same id (which
-    /// `apply` never does: ids are never reused) starts a new epoch, so readers rebuild.
+    /// Adds a job, returning the one it replaces. `apply` only adds ids larger than any
+    /// before; an id at or below the largest ever added (a job replaced, or a removed id put
+    /// back, perhaps as another project's job) starts a new epoch, so readers, which may
+    /// remember what never changes about a job id, rebuild.
     pub fn insert(&mut self, id: JobId, job: Job) -> Option<Job> {
+        let reused = self.newest.is_some_and(|n| id <= n);
         self.note(id);
         let old = self.map.insert(id, job);
-        if old.is_some() {
+        if reused {
             *self = Jobs::from_map(std::mem::take(&mut self.map));
+        } else {
+            self.newest = Some(id);
         }
         old
     }
@@ -210,10 +218,14 @@ mod tests {
         assert_eq!(ids(jobs.changed_since(start).unwrap()), [2, 1, 3]);
         assert_eq!(ids(jobs.changed_since(middle).unwrap()), [1, 3]);
         assert_eq!(ids(jobs.changed_since(jobs.cursor()).unwrap()), [0u64; 0]);
-        // Putting a removed id back is a change like any other.
+        // A new id is a change like any other; putting a removed id back starts over.
         let before = jobs.cursor();
+        let mut new = job.clone();
+        new.id = JobId(9);
+        jobs.insert(JobId(9), new);
+        assert_eq!(ids(jobs.changed_since(before).unwrap()), [9]);
         jobs.insert(a, job);
-        assert_eq!(ids(jobs.changed_since(before).unwrap()), [1]);
+        assert!(jobs.changed_since(before).is_none());
     }
 
     #[test]

@@ -304,9 +304,12 @@ impl CellHub {
     }
 
     /// Registers a new session for `cell`, replacing (and so closing) any older one, with
-    /// the API budget its `Hello` reported (0: none).
+    /// the API budget its `Hello` reported. 0 (an agent that reports none, or one too old to
+    /// send it) leaves the cell's bucket as it was; the first heartbeat settles it.
     fn open(&self, cell: &CellId, tx: mpsc::Sender<pb::FederatorMessage>, api_budget: u32) -> u64 {
-        self.set_budget(cell, (api_budget > 0).then_some(api_budget));
+        if api_budget > 0 {
+            self.set_budget(cell, Some(api_budget));
+        }
         let mut s = self.lock();
         s.next_id += 1;
         let id = s.next_id;
