@@ -28,6 +28,7 @@ use flotilla_core::runner::{
 use flotilla_proto::cell::{assign_from_pb, from_job_refs, job_refs, report_to_pb};
 use flotilla_proto::cellpb as pb;
 use flotilla_proto::cellpb::cell_service_client::CellServiceClient;
+use futures::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -566,7 +567,7 @@ impl Worker {
         let pool = run.assignment.pool.clone();
         self.warm
             .get_mut(&pool)
-            .and_then(|p| p.dequeue(job))
+            .and_then(|p| p.dequeue(job, fence))
             .is_some()
     }
 
@@ -581,7 +582,7 @@ impl Worker {
             let (job, fence) = (a.job, a.fence);
             tracing::info!(cell = %self.config.cell, job = %job, runner = %runner, pool, "Starting on a warm runner.");
             let started = match self.backend.warm() {
-                Some(w) => w.start_on(runner, a, self.sink.clone()).await,
+                Some(w) => w.start_on(pool, runner, a, self.sink.clone()).await,
                 None => Err(RunnerError::Unavailable("no warm runners".into())),
             };
             if let Err(e) = started {
@@ -615,17 +616,25 @@ impl Worker {
             let backend = self.backend.clone();
             let pool = name.to_owned();
             self.prepares.spawn(async move {
-                let result = match backend.warm() {
-                    Some(w) => w.prepare(&pool, runner).await,
-                    None => Err(RunnerError::Unavailable("no warm runners".into())),
+                let prepare = async {
+                    match backend.warm() {
+                        Some(w) => w.prepare(&pool, runner).await,
+                        None => Err(RunnerError::Unavailable("no warm runners".into())),
+                    }
                 };
+                // A panic must not lose which runner it was: it would count as starting
+                // for ever.
+                let result = std::panic::AssertUnwindSafe(prepare)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(RunnerError::Internal("preparing panicked".into())));
                 (pool, runner, result)
             });
         }
         self.start_on(name, work.start, session).await;
         for runner in fenced {
             let checked = match self.backend.warm() {
-                Some(w) => w.retire(runner).await,
+                Some(w) => w.retire(name, runner).await,
                 None => return,
             };
             let Some(pool) = self.warm.get_mut(name) else {
@@ -640,6 +649,14 @@ impl Worker {
                     Retire::KeptBusy(job) => {
                         self.stats.runners_kept.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(cell = %self.config.cell, pool = name, runner = %runner, job = %job, "A fenced runner was found running a job; kept.");
+                        // Released when that attempt ends; an attempt the agent does not
+                        // know is the reaper's to kill, and its runner is not counted.
+                        match self.runs.get(&job).map(|r| r.assignment.fence) {
+                            Some(fence) => pool.kept(runner, job, fence),
+                            None => {
+                                pool.runners.lost(runner);
+                            }
+                        }
                     }
                     Retire::NotFenced => {}
                 },
@@ -663,13 +680,21 @@ impl Worker {
         };
         match result {
             Ok(()) => {
-                pool.runners.ready(runner);
+                pool.prepared(runner);
                 let start = pool.dispatch();
                 self.start_on(name, start, session).await;
             }
             Err(e) => {
                 tracing::warn!(cell = %self.config.cell, pool = name, runner = %runner, error = %e, "Preparing a warm runner failed.");
-                pool.runners.lost(runner);
+                let stranded = pool.prepare_failed(runner, now_ms());
+                // Jobs no runner is coming for go back to the federator, to be placed again
+                // (on another cell where possible) rather than wait here.
+                let crash = Outcome::Failed(FailureClass::Infra {
+                    reason: InfraReason::RunnerCrash,
+                });
+                for a in stranded {
+                    self.finish(a.job, a.fence, crash, now_ms(), session).await;
+                }
             }
         }
     }
@@ -781,6 +806,19 @@ impl Worker {
         }
     }
 
+    /// Remembers that the attempt of `job` under `fence` is over here, so a late re-send of
+    /// its assignment is not run again.
+    fn remember_done(&mut self, job: JobId, fence: Fence) {
+        if self.done.insert((job, fence)) {
+            self.done_order.push_back((job, fence));
+            if self.done_order.len() > DONE_MEMORY
+                && let Some(old) = self.done_order.pop_front()
+            {
+                self.done.remove(&old);
+            }
+        }
+    }
+
     async fn revoke(&mut self, job: JobId, fence: Fence) {
         self.outbox
             .retain(|u| !(u.job == job.0 && u.fence == fence.0));
@@ -798,6 +836,7 @@ impl Worker {
         if self.unqueue(job, fence) {
             // It never reached a runner: nothing to kill, and nothing to report.
             self.runs.remove(&job);
+            self.remember_done(job, fence);
             return;
         }
         if let Err(e) = self.backend.cancel(job, fence).await {
@@ -930,21 +969,18 @@ impl Worker {
         at_ms: u64,
         session: Option<&Session>,
     ) {
+        // Whatever attempt this was (even one a newer fence replaced), its one-shot warm
+        // runner is gone.
+        for pool in self.warm.values_mut() {
+            if pool.job_ended(job, fence).is_some() {
+                break;
+            }
+        }
         if self.runs.get(&job).map(|r| r.assignment.fence) != Some(fence) {
             return;
         }
         let run = self.runs.remove(&job).expect("checked");
-        if let Some(pool) = self.warm.get_mut(&run.assignment.pool) {
-            pool.job_ended(job);
-        }
-        if self.done.insert((job, fence)) {
-            self.done_order.push_back((job, fence));
-            if self.done_order.len() > DONE_MEMORY
-                && let Some(old) = self.done_order.pop_front()
-            {
-                self.done.remove(&old);
-            }
-        }
+        self.remember_done(job, fence);
         if run.revoked {
             return;
         }

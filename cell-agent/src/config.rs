@@ -299,6 +299,7 @@ impl AgentFile {
             return Err("pools: give at least one pool, each with a positive size".into());
         }
         for (name, pool) in &self.pools {
+            flotilla_core::ids::PoolName::new(name).map_err(|e| format!("pools: {e}"))?;
             let PoolFile::Warm(w) = pool else { continue };
             w.policy()
                 .validate()

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use flotilla_core::autoscale::{Autoscaler, Change, PoolLoad, RunnerId, RunnerPool};
-use flotilla_core::ids::JobId;
+use flotilla_core::ids::{Fence, JobId};
 use flotilla_core::runner::Assignment;
 
 /// One warm pool.
@@ -19,8 +19,11 @@ pub(crate) struct WarmPool {
     scaler: Autoscaler,
     /// Assignments waiting for a runner, oldest first.
     waiting: VecDeque<Assignment>,
-    /// The runner each started job runs on.
-    by_job: HashMap<JobId, RunnerId>,
+    /// The runner each started attempt runs on.
+    by_job: HashMap<(JobId, Fence), RunnerId>,
+    /// Runner preparations that failed in a row, and until when no new ones are tried.
+    failures: u32,
+    backoff_until_ms: u64,
 }
 
 /// What the agent must do for one pool after a decision.
@@ -39,6 +42,8 @@ impl WarmPool {
             scaler,
             waiting: VecDeque::new(),
             by_job: HashMap::new(),
+            failures: 0,
+            backoff_until_ms: 0,
         }
     }
 
@@ -53,9 +58,40 @@ impl WarmPool {
     }
 
     /// Takes a waiting assignment out of the queue (revoked or cancelled before it started).
-    pub(crate) fn dequeue(&mut self, job: JobId) -> Option<Assignment> {
-        let at = self.waiting.iter().position(|a| a.job == job)?;
+    pub(crate) fn dequeue(&mut self, job: JobId, fence: Fence) -> Option<Assignment> {
+        let at = self
+            .waiting
+            .iter()
+            .position(|a| a.job == job && a.fence == fence)?;
         self.waiting.remove(at)
+    }
+
+    /// A runner could not be prepared: it is dropped, new ones wait a while (doubling to a
+    /// minute), and the waiting jobs no runner is coming for are handed back (oldest first)
+    /// so the federator can place them elsewhere.
+    pub(crate) fn prepare_failed(&mut self, runner: RunnerId, now_ms: u64) -> Vec<Assignment> {
+        self.runners.lost(runner);
+        self.failures = self.failures.saturating_add(1);
+        let wait = 1_000u64 << self.failures.min(6);
+        self.backoff_until_ms = now_ms + wait.min(60_000);
+        let load = self.load();
+        let coming = (load.idle + load.starting) as usize;
+        let stranded = self.waiting.len().saturating_sub(coming);
+        self.waiting.drain(..stranded).collect()
+    }
+
+    /// A runner was prepared: failures are forgotten.
+    pub(crate) fn prepared(&mut self, runner: RunnerId) {
+        if self.runners.ready(runner) {
+            self.failures = 0;
+            self.backoff_until_ms = 0;
+        }
+    }
+
+    /// A runner the backend found running `job`'s attempt under `fence` while it was being
+    /// retired: kept, and released when that attempt ends.
+    pub(crate) fn kept(&mut self, runner: RunnerId, job: JobId, fence: Fence) {
+        self.by_job.insert((job, fence), runner);
     }
 
     /// Hands waiting assignments to idle runners, oldest first.
@@ -66,15 +102,16 @@ impl WarmPool {
                 break;
             };
             let a = self.waiting.pop_front().expect("front exists");
-            self.by_job.insert(a.job, r);
+            self.by_job.insert((a.job, a.fence), r);
             out.push((r, a));
         }
         out
     }
 
-    /// The job's attempt ended (or never started on its runner): its one-shot runner is gone.
-    pub(crate) fn job_ended(&mut self, job: JobId) -> Option<RunnerId> {
-        let r = self.by_job.remove(&job)?;
+    /// The attempt of `job` under `fence` ended (or never started on its runner): its
+    /// one-shot runner is gone.
+    pub(crate) fn job_ended(&mut self, job: JobId, fence: Fence) -> Option<RunnerId> {
+        let r = self.by_job.remove(&(job, fence))?;
         self.runners.finished(r);
         Some(r)
     }
@@ -82,8 +119,14 @@ impl WarmPool {
     /// Asks the policy, then starts runners or fences idle ones (phase one). Returns the
     /// runners to prepare and what can start.
     pub(crate) fn decide(&mut self, now_ms: u64) -> Work {
-        let decision = self.scaler.decide(now_ms, self.load());
         let mut work = Work::default();
+        if now_ms < self.backoff_until_ms {
+            // Preparing runners keeps failing: the policy is not asked (it would take a
+            // scale-up that does not happen for one, and cool down).
+            work.start = self.dispatch();
+            return work;
+        }
+        let decision = self.scaler.decide(now_ms, self.load());
         match decision.change {
             Change::Add(n) => {
                 for _ in 0..n {
@@ -162,7 +205,8 @@ mod tests {
             (work.prepare[1], JobId(7))
         );
         assert_eq!(p.load().busy, 1);
-        assert_eq!(p.job_ended(JobId(7)), Some(work.prepare[1]));
+        assert_eq!(p.job_ended(JobId(7), Fence(8)), None, "another attempt");
+        assert_eq!(p.job_ended(JobId(7), Fence(7)), Some(work.prepare[1]));
         assert_eq!(p.load().busy, 0);
     }
 
@@ -188,8 +232,8 @@ mod tests {
         // One more runner than needed once two jobs are done and one still runs.
         let extra = p.runners.start();
         p.runners.ready(extra);
-        p.job_ended(JobId(1));
-        p.job_ended(JobId(2));
+        p.job_ended(JobId(1), Fence(1));
+        p.job_ended(JobId(2), Fence(2));
         p.decide(500);
         assert!(p.fenced().is_empty(), "not before the scale-down delay");
         p.decide(1_600);
@@ -197,5 +241,30 @@ mod tests {
         assert_eq!(p.runners.retire(extra, None), Retire::Deleted);
         assert_eq!(p.load().busy, 1);
         assert_eq!(p.load().total(), 1);
+    }
+
+    #[test]
+    fn a_failed_preparation_hands_back_the_jobs_no_runner_is_coming_for_and_backs_off() {
+        let mut p = pool(0);
+        for j in 1..=3 {
+            p.enqueue(assignment(j));
+        }
+        let work = p.decide(0);
+        assert_eq!(work.prepare.len(), 4);
+        // One of four fails: three are still coming for three jobs.
+        assert!(p.prepare_failed(work.prepare[0], 10).is_empty());
+        // Each further failure hands back the oldest job no runner is coming for.
+        let back = p.prepare_failed(work.prepare[1], 20);
+        assert_eq!(back.iter().map(|a| a.job).collect::<Vec<_>>(), [JobId(1)]);
+        let back = p.prepare_failed(work.prepare[2], 30);
+        assert_eq!(back.iter().map(|a| a.job).collect::<Vec<_>>(), [JobId(2)]);
+        // No new runners during the back-off (8 s after the third failure).
+        assert!(p.decide(5_000).prepare.is_empty());
+        p.prepared(work.prepare[3]);
+        assert_eq!(p.dispatch().len(), 1);
+        assert!(
+            !p.decide(5_100).prepare.is_empty(),
+            "a success ends the back-off"
+        );
     }
 }

@@ -233,19 +233,25 @@ pub trait WarmRunners: Send + Sync {
     /// running with its image pulled, a sandbox ready), or with why it could not.
     fn prepare(&self, pool: &str, runner: RunnerId) -> BoxFuture<'_, Result<(), RunnerError>>;
 
-    /// Runs `assignment` on the prepared runner `runner`, as [`RunnerBackend::start`] would
-    /// on a new one; the runner is used up.
+    /// Runs `assignment` on the prepared runner `runner` of `pool`, as
+    /// [`RunnerBackend::start`] would on a new one; the runner is used up. (Runner ids are
+    /// numbered per pool: a runner is named by both.)
     fn start_on(
         &self,
+        pool: &str,
         runner: RunnerId,
         assignment: Assignment,
         events: Arc<dyn RunnerEvents>,
     ) -> BoxFuture<'_, Result<(), RunnerError>>;
 
-    /// Phase two of scale-down: deletes `runner` if it is still idle (`Ok(None)`; also when
+    /// Phase two of scale-down: deletes `runner` of `pool` if it is still idle (`Ok(None)`; also when
     /// it is already gone), or leaves it alone and says which job it is running
     /// (`Ok(Some(job))`). An error leaves it as it was, to be retired again later.
-    fn retire(&self, runner: RunnerId) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>>;
+    fn retire(
+        &self,
+        pool: &str,
+        runner: RunnerId,
+    ) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>>;
 }
 
 /// Where an attempt got to, as a cell reports it to the federator.

@@ -620,13 +620,17 @@ async fn a_warm_pool_runs_jobs_on_ready_runners_scales_with_the_workload_and_ret
         .text()
         .await
         .unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
     assert!(
-        metrics.contains(
-            "flotilla_pool_runners{cell=\"warm-cell\",pool=\"default\",state=\"idle\"} 2"
+        lines.contains(
+            &"flotilla_pool_runners{cell=\"warm-cell\",pool=\"default\",state=\"idle\"} 2"
         ),
         "{metrics}"
     );
-    assert!(metrics.contains("flotilla_pool_workload{cell=\"warm-cell\",pool=\"default\"} 0"));
+    assert!(
+        lines.contains(&"flotilla_pool_workload{cell=\"warm-cell\",pool=\"default\"} 0"),
+        "{metrics}"
+    );
     agent.shutdown().await;
     assert_eq!(
         warm_dirs(&work_dir),

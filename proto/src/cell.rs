@@ -207,6 +207,9 @@ pub fn hello_spec(m: &pb::Hello) -> Result<CellSpec, InvalidMessage> {
         if p.name.is_empty() {
             return Err(invalid("Hello", "a pool without a name"));
         }
+        // Pools are named as pipelines name them (`placement.pool`): DNS labels.
+        flotilla_core::ids::PoolName::new(&p.name)
+            .map_err(|e| invalid("Hello", format!("pool: {e}")))?;
         pools.insert(p.name.clone(), p.max);
     }
     Ok(CellSpec {

@@ -112,8 +112,13 @@ struct State {
     running: HashMap<JobId, Running>,
     /// Every attempt task not yet awaited; finished ones are pruned on the next start.
     tasks: Vec<AttemptTask>,
-    /// Warm runners: pre-created, empty workspaces waiting for one attempt each.
-    warm: HashMap<RunnerId, PathBuf>,
+    /// Warm runners by (pool, runner): pre-created, empty workspaces waiting for one
+    /// attempt each.
+    warm: HashMap<(String, RunnerId), PathBuf>,
+    /// Names the warm workspaces (pool names do not go into paths).
+    next_warm: u64,
+    /// Workspaces a warm runner's sandbox was moved to: the attempt keeps them as they are.
+    prepared: std::collections::HashSet<PathBuf>,
 }
 
 struct Running {
@@ -220,8 +225,19 @@ impl Inner {
         self.config.work_dir.join(format!("{job}-{fence}"))
     }
 
-    fn warm_path(&self, runner: RunnerId) -> PathBuf {
-        self.config.work_dir.join(format!("warm-{runner}"))
+    /// A new warm workspace's path.
+    fn warm_path(&self) -> PathBuf {
+        let n = {
+            let mut state = self.state();
+            state.next_warm += 1;
+            state.next_warm
+        };
+        self.config.work_dir.join(format!("warm-{n}"))
+    }
+
+    /// Whether `workspace` is a warm runner's sandbox just moved into place (asked once).
+    pub(super) fn take_prepared(&self, workspace: &Path) -> bool {
+        self.state().prepared.remove(workspace)
     }
 
     /// Called by an attempt's task when its first step started.
@@ -235,7 +251,9 @@ impl Inner {
 
     /// Called by an attempt's task just before it reports `Finished`.
     fn forget(&self, job: &JobId, fence: Fence) {
+        let workspace = self.workspace_path(job, fence);
         let mut state = self.state();
+        state.prepared.remove(&workspace);
         if state
             .running
             .get(job)
@@ -407,7 +425,7 @@ impl WarmRunners for LocalBackend {
             if self.inner.state().closed {
                 return Err(unavailable());
             }
-            let dir = self.inner.warm_path(runner);
+            let dir = self.inner.warm_path();
             let made = async {
                 attempt::clear_dir(&dir).await?;
                 tokio::fs::create_dir_all(&dir).await
@@ -421,41 +439,60 @@ impl WarmRunners for LocalBackend {
                 let _ = std::fs::remove_dir(&dir);
                 return Err(unavailable());
             }
-            state.warm.insert(runner, dir);
             tracing::debug!(runner = %runner, pool = %pool, "Warm runner ready.");
+            state.warm.insert((pool, runner), dir);
             Ok(())
         })
     }
 
     fn start_on(
         &self,
+        pool: &str,
         runner: RunnerId,
         assignment: Assignment,
         events: Arc<dyn RunnerEvents>,
     ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        let key = (pool.to_owned(), runner);
         Box::pin(async move {
-            let dir = self.inner.state().warm.remove(&runner).ok_or_else(|| {
-                RunnerError::Internal(format!("warm runner {runner} is not ready here"))
+            let dir = self.inner.state().warm.remove(&key).ok_or_else(|| {
+                RunnerError::Internal(format!(
+                    "warm runner {runner} of {} is not ready here",
+                    key.0
+                ))
             })?;
-            // The sandbox becomes the attempt's workspace; the attempt keeps an empty
-            // directory it finds in place.
+            // The sandbox becomes the attempt's workspace, which the attempt then keeps as
+            // it is rather than making afresh.
             let workspace = self.inner.workspace_path(&assignment.job, assignment.fence);
-            if let Err(e) = tokio::fs::rename(&dir, &workspace).await {
-                tracing::warn!(runner = %runner, error = %e, "Could not move a warm workspace into place; starting afresh.");
-                let _ = tokio::fs::remove_dir(&dir).await;
+            match tokio::fs::rename(&dir, &workspace).await {
+                Ok(()) => {
+                    self.inner.state().prepared.insert(workspace.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(runner = %runner, error = %e, "Could not move a warm workspace into place; starting afresh.");
+                    let _ = tokio::fs::remove_dir(&dir).await;
+                }
             }
-            self.start(assignment, events).await
+            let started = self.start(assignment, events).await;
+            if started.is_err() && self.inner.state().prepared.remove(&workspace) {
+                let _ = tokio::fs::remove_dir(&workspace).await;
+            }
+            started
         })
     }
 
-    fn retire(&self, runner: RunnerId) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>> {
+    fn retire(
+        &self,
+        pool: &str,
+        runner: RunnerId,
+    ) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>> {
+        let key = (pool.to_owned(), runner);
         Box::pin(async move {
-            let dir = self.inner.state().warm.remove(&runner);
+            let dir = self.inner.state().warm.remove(&key);
             if let Some(dir) = dir
                 && let Err(e) = attempt::clear_dir(&dir).await
             {
                 // Put it back: it is still a runner until its directory is gone.
-                self.inner.state().warm.insert(runner, dir.clone());
+                self.inner.state().warm.insert(key, dir.clone());
                 return Err(RunnerError::Internal(format!(
                     "cannot remove {}: {e}",
                     dir.display()

@@ -18,8 +18,9 @@ pub struct Policy {
     pub target_utilisation: f64,
     /// Most runners added by one decision.
     pub scale_up_step: u32,
-    /// After adding runners, how long before adding more (the new ones count while they
-    /// start, so this only damps bursts of decisions).
+    /// After adding runners, how long before adding more. Together with the step it caps
+    /// how fast the pool grows (`scale_up_step` per cooldown) — which also paces replacing
+    /// one-shot runners as their jobs end, so keep the cooldown short next to the step.
     pub scale_up_cooldown_ms: u64,
     /// How long the pool must have been larger than needed before idle runners are retired:
     /// demand that dips between two builds does not cost a cold start.

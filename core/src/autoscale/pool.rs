@@ -87,7 +87,7 @@ impl RunnerPool {
         }
     }
 
-    /// Gives `job` to the longest-waiting idle runner that is not fenced.
+    /// Gives `job` to the oldest idle runner (the first created) that is not fenced.
     pub fn assign(&mut self, job: JobId) -> Option<RunnerId> {
         let (id, s) = self
             .runners
@@ -108,8 +108,8 @@ impl RunnerPool {
         }
     }
 
-    /// Phase one for `n` runners: fences up to `n` idle runners, the most recently started
-    /// first (the longest-waiting stay, as they are the next to be assigned).
+    /// Phase one for `n` runners: fences up to `n` idle runners, the most recently created
+    /// first (the oldest stay, as they are the next to be assigned).
     pub fn fence_idle(&mut self, n: u32) -> Vec<RunnerId> {
         let ids: Vec<RunnerId> = self
             .runners

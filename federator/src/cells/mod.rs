@@ -102,7 +102,8 @@ pub struct PoolLoad {
     pub total: u32,
     /// Runners running a job.
     pub busy: u32,
-    /// Runners waiting for one.
+    /// Runners waiting for one (a warm pool's idle runners; for a pool without warm
+    /// runners, the free places: `max - busy`).
     pub idle: u32,
     /// Runners being created (counted in `total`).
     pub starting: u32,

@@ -375,16 +375,22 @@ pub(super) async fn metrics(AppState(app): Shared) -> Response {
     out.push_str("# HELP flotilla_pool_workload Total workload (busy + queued) / total of each pool, as its cell last reported.\n# TYPE flotilla_pool_workload gauge\n");
     for (cell, l) in &live {
         for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
-            if let Some(w) = p.workload() {
-                out.push_str(&format!(
-                    "flotilla_pool_workload{{cell=\"{cell}\",pool=\"{pool}\"}} {w}\n"
-                ));
-            }
+            // No runners: any demand at all is an infinite workload.
+            let w = match p.workload() {
+                Some(w) => w.to_string(),
+                None if p.busy + p.queued > 0 => "+Inf".to_owned(),
+                None => "0".to_owned(),
+            };
+            let pool = label(pool);
+            out.push_str(&format!(
+                "flotilla_pool_workload{{cell=\"{cell}\",pool=\"{pool}\"}} {w}\n"
+            ));
         }
     }
     out.push_str("# HELP flotilla_pool_runners Runners of each pool by state, as its cell last reported.\n# TYPE flotilla_pool_runners gauge\n");
     for (cell, l) in &live {
         for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
+            let pool = label(pool);
             for (state, n) in [("busy", p.busy), ("idle", p.idle), ("starting", p.starting)] {
                 out.push_str(&format!(
                     "flotilla_pool_runners{{cell=\"{cell}\",pool=\"{pool}\",state=\"{state}\"}} {n}\n"
@@ -396,7 +402,8 @@ pub(super) async fn metrics(AppState(app): Shared) -> Response {
     for (cell, l) in &live {
         for (pool, p) in l.load.iter().flat_map(|l| &l.pools) {
             out.push_str(&format!(
-                "flotilla_pool_queued_jobs{{cell=\"{cell}\",pool=\"{pool}\"}} {}\n",
+                "flotilla_pool_queued_jobs{{cell=\"{cell}\",pool=\"{}\"}} {}\n",
+                label(pool),
                 p.queued
             ));
         }
@@ -406,4 +413,11 @@ pub(super) async fn metrics(AppState(app): Shared) -> Response {
         u8::from(leader)
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// A Prometheus label value, escaped (pool names come from agents' heartbeats).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -98,7 +98,12 @@ impl Attempt<'_> {
         if self.stop.is_stopped() {
             return CANCELLED;
         }
-        if let Err(e) = fresh_dir(self.workspace).await {
+        let made = if self.inner.take_prepared(self.workspace) {
+            Ok(())
+        } else {
+            fresh_dir(self.workspace).await
+        };
+        if let Err(e) = made {
             self.emitter
                 .system(None, format!("could not create the workspace: {e}"));
             return CRASH;
@@ -534,14 +539,8 @@ fn deadline_after(after: Duration) -> Instant {
 }
 
 /// An empty directory at `path`, replacing whatever a previous run left there.
-/// An empty directory at `path`: one already there and empty (a warm runner's sandbox) is
-/// kept, anything else is replaced.
+/// An empty directory at `path`, replacing whatever was there.
 async fn fresh_dir(path: &Path) -> io::Result<()> {
-    if let Ok(mut entries) = tokio::fs::read_dir(path).await
-        && entries.next_entry().await?.is_none()
-    {
-        return Ok(());
-    }
     remove_tree(path).await?;
     tokio::fs::create_dir_all(path).await
 }
