@@ -191,7 +191,16 @@ fn setup_from(args: &Args) -> anyhow::Result<Setup> {
         cell: args.cell.clone().context("--cell is required")?,
         region: args.region.clone(),
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
-        pools: args.pools.iter().cloned().collect(),
+        pools: args
+            .pools
+            .iter()
+            .map(|(name, n)| {
+                (
+                    name.clone(),
+                    flotilla_cell_agent::config::PoolFile::Size(*n),
+                )
+            })
+            .collect(),
         federators: args.federators.clone(),
         data_dir: args.data_dir.clone(),
         // Flags describe a local agent; the file is how a kubernetes agent is configured.
