@@ -192,7 +192,7 @@ pub struct FloorFile {
     /// `week` (the same hour of the week) or `day` (the same hour every day).
     #[serde(default = "default_period")]
     pub period: Period,
-    /// Quantile of the hour's past peaks to keep warm (0–1).
+    /// Quantile of the hour's past mean demands to keep warm (0–1).
     #[serde(default = "default_quantile")]
     pub quantile: f64,
     /// Past periods to learn from.

@@ -42,8 +42,8 @@ impl Period {
 pub struct FloorPolicy {
     /// What repeats.
     pub period: Period,
-    /// Which quantile of the hour's past peaks to keep warm (0–1; 0.9 ignores one odd day in
-    /// ten).
+    /// Which quantile of the hour's past mean demands to keep warm (0–1; 0.9 ignores one
+    /// odd day in ten).
     pub quantile: f64,
     /// How many past periods to learn from (the oldest is forgotten).
     pub periods: u32,
@@ -63,15 +63,34 @@ impl Default for FloorPolicy {
     }
 }
 
-/// The peak demand of each hourly slot over the last few periods.
+/// The mean demand of each hourly slot over the last few periods.
+///
+/// Mean, not peak: demand moves within an hour (builds fan out in batches, spikes last
+/// minutes), and a floor at the hour's peak would hold the spike's height all hour. The
+/// floor is for being ready when the day's load arrives; what comes on top within the hour
+/// the demand-driven sizing answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DemandHistory {
     period: Period,
     depth: usize,
-    /// Per slot, the peaks of earlier periods, oldest first.
+    /// Per slot, the mean demands of earlier periods, oldest first.
     slots: Vec<VecDeque<u32>>,
-    /// The hour being observed (hours since the epoch) and its peak so far.
-    current: Option<(u64, u32)>,
+    /// The hour being observed.
+    current: Option<Hour>,
+}
+
+/// Demand seen so far in one hour, integrated over time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Hour {
+    /// Hours since the epoch.
+    hour: u64,
+    /// The first sample's time.
+    since_ms: u64,
+    /// The last sample: its time and demand (which holds until the next).
+    last_ms: u64,
+    last: u32,
+    /// Demand × milliseconds from `since_ms` to `last_ms`.
+    area: u128,
 }
 
 impl DemandHistory {
@@ -85,33 +104,48 @@ impl DemandHistory {
         }
     }
 
-    /// Records the demand seen at `now_ms`. Time only moves forward; a sample from an
-    /// earlier hour than the current one is ignored.
+    /// Records the demand seen at `now_ms`; it holds until the next sample. Time only moves
+    /// forward: a sample from before the last one is ignored.
     pub fn record(&mut self, now_ms: u64, demand: u32) {
         let hour = now_ms / HOUR_MS;
         match &mut self.current {
-            Some((h, peak)) if *h == hour => *peak = (*peak).max(demand),
-            Some((h, _)) if *h > hour => {}
+            Some(h) if now_ms < h.last_ms => {}
+            Some(h) if h.hour == hour => {
+                h.area += u128::from(h.last) * u128::from(now_ms - h.last_ms);
+                h.last_ms = now_ms;
+                h.last = demand;
+            }
             _ => {
                 self.close_hour();
-                self.current = Some((hour, demand));
+                self.current = Some(Hour {
+                    hour,
+                    since_ms: now_ms,
+                    last_ms: now_ms,
+                    last: demand,
+                    area: 0,
+                });
             }
         }
     }
 
-    /// Files the current hour's peak into its slot.
+    /// Files the current hour's mean demand (rounded up) into its slot: the last sample
+    /// holds to the end of the hour.
     fn close_hour(&mut self) {
-        if let Some((hour, peak)) = self.current.take() {
-            let slot = &mut self.slots[self.period.slot(hour)];
+        if let Some(h) = self.current.take() {
+            let end = (h.hour + 1) * HOUR_MS;
+            let area = h.area + u128::from(h.last) * u128::from(end - h.last_ms);
+            let span = u128::from((end - h.since_ms).max(1));
+            let mean = u32::try_from(area.div_ceil(span)).unwrap_or(u32::MAX);
+            let slot = &mut self.slots[self.period.slot(h.hour)];
             if slot.len() == self.depth {
                 slot.pop_front();
             }
-            slot.push_back(peak);
+            slot.push_back(mean);
         }
     }
 
-    /// The demand to be ready for at `at_ms`: the `quantile` of the past peaks of its hourly
-    /// slot (nearest rank), 0 with no history.
+    /// The demand to be ready for at `at_ms`: the `quantile` of the past mean demands of its
+    /// hourly slot (nearest rank), 0 with no history.
     pub fn expected(&self, at_ms: u64, quantile: f64) -> u32 {
         let slot = &self.slots[self.period.slot(at_ms / HOUR_MS)];
         if slot.is_empty() {
@@ -124,7 +158,7 @@ impl DemandHistory {
         peaks[rank - 1]
     }
 
-    /// How many past peaks the slot of `at_ms` holds.
+    /// How many past hours the slot of `at_ms` holds.
     pub fn depth_at(&self, at_ms: u64) -> usize {
         self.slots[self.period.slot(at_ms / HOUR_MS)].len()
     }
@@ -137,25 +171,32 @@ mod tests {
     const DAY_MS: u64 = 24 * HOUR_MS;
 
     #[test]
-    fn each_hours_peak_is_filed_when_the_hour_ends() {
+    fn each_hours_mean_demand_over_time_is_filed_when_the_hour_ends() {
         let mut h = DemandHistory::new(Period::Day, 4);
         let nine = 9 * HOUR_MS;
+        // 3 for 30 minutes, a 60-second spike of 100, then 10 to the end of the hour.
         h.record(nine, 3);
-        h.record(nine + 60_000, 12);
-        h.record(nine + 120_000, 5);
+        h.record(nine + 30 * 60_000, 100);
+        h.record(nine + 31 * 60_000, 10);
         assert_eq!(
             h.expected(nine + DAY_MS, 1.0),
             0,
             "nine o'clock is not over yet"
         );
         h.record(10 * HOUR_MS, 1);
+        // (3·30 + 100·1 + 10·29) / 60 = 8 (rounded up): the spike does not hold all hour.
         assert_eq!(
             h.expected(nine + DAY_MS, 1.0),
-            12,
+            8,
             "the next day's nine o'clock"
         );
-        assert_eq!(h.expected(nine + DAY_MS + 59 * 60_000, 1.0), 12);
+        assert_eq!(h.expected(nine + DAY_MS + 59 * 60_000, 1.0), 8);
         assert_eq!(h.expected(11 * HOUR_MS, 1.0), 0, "an hour never seen");
+        // Time never runs backwards.
+        h.record(nine, 1_000);
+        h.record(11 * HOUR_MS, 0);
+        assert_eq!(h.expected(nine + DAY_MS, 1.0), 8);
+        assert_eq!(h.expected(10 * HOUR_MS + DAY_MS, 1.0), 1);
     }
 
     #[test]

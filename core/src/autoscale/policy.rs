@@ -198,7 +198,9 @@ impl Autoscaler {
             let expected = h
                 .expected(now_ms, f.quantile)
                 .max(h.expected(now_ms.saturating_add(f.lookahead_ms), f.quantile));
-            let floor = p.runners_for(expected);
+            // The floor is the demand to expect, not runners over the target utilisation:
+            // it is an hour's mean, and the headroom above it is the demand sizing's job.
+            let floor = expected;
             if floor > desired.0 {
                 desired = (floor, Why::Floor);
             }
@@ -354,11 +356,11 @@ mod tests {
         // Today at 08:30 nothing runs: no floor yet (the lookahead reaches 08:45).
         let d = a.decide(DAY + 8 * HOUR + 30 * 60_000, load(0, 0, 0, 0));
         assert_eq!((d.desired, d.change), (0, Change::Hold));
-        // At 08:45 the floor for 09:00 applies: 40 / 0.8 = 50 runners, a step at a time.
+        // At 08:45 the floor for 09:00 applies: yesterday's 40 ready, a step at a time.
         let d = a.decide(DAY + 8 * HOUR + 45 * 60_000, load(0, 0, 0, 0));
         assert_eq!(
             (d.desired, d.why, d.change),
-            (50, Why::Floor, Change::Add(20))
+            (40, Why::Floor, Change::Add(20))
         );
         // Without the floor, the same morning waits for the queue.
         let mut plain = Autoscaler::new(Policy { min: 0, ..policy() });
