@@ -19,6 +19,8 @@
 //! - [`forge`]: the normalised forge event a webhook becomes, and its event variables.
 //! - [`repo`]: the `RepoSource` port that reads `.ci.yaml` at a commit.
 //! - [`runner`]: the `RunnerBackend` port that runs one job attempt in isolation.
+//! - [`simulate`]: `flotilla simulate`'s engine: days of CI load in virtual time through the
+//!   real scheduler and autoscaler, reporting queue waits and idle runner time.
 //! - [`state`]: the replicated control state and its deterministic `apply`.
 //! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
 
@@ -31,6 +33,7 @@ pub mod pipeline;
 pub mod placement;
 pub mod repo;
 pub mod runner;
+pub mod simulate;
 pub mod state;
 pub mod suggest;
 
