@@ -134,46 +134,58 @@ impl World {
         while left > 0 {
             let size = left.min(BUILD_SIZE);
             left -= size;
-            let now_ms = self.now;
-            let build = match self
-                .ok(Command::IngestEvent {
-                    project: pid(project),
-                    delivery: None,
-                    event: ForgeEvent::Push {
-                        branch: "main".into(),
-                        sha: SHA.into(),
-                        changed_paths: None,
-                        actor: "octocat".into(),
-                    },
-                    now_ms,
-                })
-                .response
-            {
-                Response::Ingested { build, .. } => build,
-                other => panic!("{other:?}"),
-            };
-            let jobs = (0..size)
-                .map(|i| {
-                    let mut j = self.template.clone();
-                    j.name = format!("j{i}");
-                    j.key = j.name.clone();
-                    j.placement = c.clone();
-                    j
-                })
-                .collect();
-            let now_ms = self.now;
-            self.ok(Command::ResolvePipeline {
-                build,
-                sha: Some(SHA.into()),
-                resolution: Resolution::Jobs {
-                    jobs,
-                    concurrency: None,
-                },
-                now_ms,
-            });
+            let build = self
+                .push(project, self.specs(size, |_| c.clone()))
+                .expect("the push is accepted");
             ids.extend(self.state.builds[&build].jobs.iter().copied());
         }
         ids
+    }
+
+    /// `n` copies of the template named `j0`, `j1`, …, with `placement(i)` as constraints.
+    fn specs(&self, n: usize, mut placement: impl FnMut(usize) -> Constraints) -> Vec<JobSpec> {
+        (0..n)
+            .map(|i| {
+                let mut j = self.template.clone();
+                j.name = format!("j{i}");
+                j.key = j.name.clone();
+                j.placement = placement(i);
+                j
+            })
+            .collect()
+    }
+
+    /// A push of `project` whose pipeline resolves to `jobs`; `None` when the push is
+    /// refused (say, a deleted project).
+    fn push(&mut self, project: &str, jobs: Vec<JobSpec>) -> Option<flotilla_core::BuildId> {
+        let now_ms = self.now;
+        let Response::Ingested { build, .. } = self
+            .apply(Command::IngestEvent {
+                project: pid(project),
+                delivery: None,
+                event: ForgeEvent::Push {
+                    branch: "main".into(),
+                    sha: SHA.into(),
+                    changed_paths: None,
+                    actor: "octocat".into(),
+                },
+                now_ms,
+            })
+            .response
+        else {
+            return None;
+        };
+        let now_ms = self.now;
+        self.ok(Command::ResolvePipeline {
+            build,
+            sha: Some(SHA.into()),
+            resolution: Resolution::Jobs {
+                jobs,
+                concurrency: None,
+            },
+            now_ms,
+        });
+        Some(build)
     }
 
     /// One tick by the kept [`Scheduler`], which must decide exactly as the one-off
@@ -1418,45 +1430,13 @@ impl World {
                     _ => constraints(None, &[], Some("gpu")),
                 };
                 let project = PROJECTS[project % PROJECTS.len()].0;
-                let build = match self
-                    .apply(Command::IngestEvent {
-                        project: pid(project),
-                        delivery: None,
-                        event: ForgeEvent::Push {
-                            branch: "main".into(),
-                            sha: SHA.into(),
-                            changed_paths: None,
-                            actor: "octocat".into(),
-                        },
-                        now_ms,
-                    })
-                    .response
-                {
-                    Response::Ingested { build, .. } => build,
-                    _ => return,
-                };
-                let jobs = (0..*jobs)
-                    .map(|i| {
-                        let mut j = self.template.clone();
-                        j.name = format!("j{i}");
-                        j.key = j.name.clone();
-                        j.placement = c.clone();
-                        if *chain && i > 0 {
-                            j.needs = vec![format!("j{}", i - 1)];
-                        }
-                        j
-                    })
-                    .collect();
-                let now_ms = self.now;
-                self.apply(Command::ResolvePipeline {
-                    build,
-                    sha: Some(SHA.into()),
-                    resolution: Resolution::Jobs {
-                        jobs,
-                        concurrency: None,
-                    },
-                    now_ms,
-                });
+                let mut specs = self.specs(*jobs, |_| c.clone());
+                if *chain {
+                    for (i, spec) in specs.iter_mut().enumerate().skip(1) {
+                        spec.needs = vec![format!("j{}", i - 1)];
+                    }
+                }
+                self.push(project, specs);
             }
             Step::Tick {
                 live: mask,
@@ -1636,45 +1616,10 @@ impl World {
         let mut k = 0;
         while k < n {
             let size = (n - k).min(BUILD_SIZE);
-            let now_ms = self.now;
-            let build = match self
-                .ok(Command::IngestEvent {
-                    project: pid(project),
-                    delivery: None,
-                    event: ForgeEvent::Push {
-                        branch: "main".into(),
-                        sha: SHA.into(),
-                        changed_paths: None,
-                        actor: "octocat".into(),
-                    },
-                    now_ms,
-                })
-                .response
-            {
-                Response::Ingested { build, .. } => build,
-                other => panic!("{other:?}"),
-            };
-            let jobs = (0..size)
-                .map(|i| {
-                    let mut j = self.template.clone();
-                    j.name = format!("j{i}");
-                    j.key = j.name.clone();
-                    let v = format!("v{}", k + i);
-                    j.placement = constraints(None, &[("uniq", v.as_str())], None);
-                    j
-                })
-                .collect();
-            let now_ms = self.now;
-            self.ok(Command::ResolvePipeline {
-                build,
-                sha: Some(SHA.into()),
-                resolution: Resolution::Jobs {
-                    jobs,
-                    concurrency: None,
-                },
-                now_ms,
+            let specs = self.specs(size, |i| {
+                constraints(None, &[("uniq", format!("v{}", k + i).as_str())], None)
             });
-            builds.push(build);
+            builds.push(self.push(project, specs).expect("the push is accepted"));
             k += size;
         }
         builds
