@@ -273,6 +273,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     config.labels = file.labels.clone();
     config.pools = file.pool_sizes();
     config.autoscale = file.autoscale();
+    config.history_file = Some(data.join("demand-history.json"));
     let agent = Agent::start(config, backend);
     crate::shutdown_signal().await;
     tracing::info!(

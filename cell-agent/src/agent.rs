@@ -34,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::pools::{WarmPool, WarmPools};
+use crate::pools::{WarmPool, WarmPools, load_histories, save_histories};
 
 use pb::agent_message::Msg as Out;
 use pb::federator_message::Msg as In;
@@ -99,6 +99,9 @@ pub struct AgentConfig {
     pub autoscale: BTreeMap<String, Policy>,
     /// How often warm pools are sized again besides on every change.
     pub autoscale_interval: Duration,
+    /// Where the warm pools' time-of-day floors keep what they learnt across restarts
+    /// (written every minute and at shutdown); `None` forgets it with the process.
+    pub history_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -116,6 +119,7 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(5),
             autoscale: BTreeMap::new(),
             autoscale_interval: Duration::from_secs(1),
+            history_file: None,
         }
     }
 }
@@ -159,7 +163,18 @@ impl Agent {
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(AgentStats::default());
         let (events_tx, events) = mpsc::unbounded_channel();
-        let warm = warm_pools(&config, backend.as_ref());
+        let mut warm = warm_pools(&config, backend.as_ref());
+        if let Some(file) = &config.history_file {
+            match load_histories(file, &mut warm) {
+                Ok(pools) if !pools.is_empty() => {
+                    tracing::info!(cell = %config.cell, pools = ?pools, "Time-of-day floors resume what they learnt.");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(cell = %config.cell, error = %e, "Cannot read what the time-of-day floors learnt; they learn again.");
+                }
+            }
+        }
         let worker = Worker {
             config,
             backend,
@@ -284,6 +299,8 @@ fn out(msg: Out) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }
 
+/// How often the warm pools' demand histories are written down.
+const HISTORY_EVERY: Duration = Duration::from_secs(60);
 /// How long connecting and the hello exchange may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time past a job's timeout before the reaper kills what the backend did not.
@@ -304,6 +321,7 @@ impl Worker {
         let mut autoscale = tokio::time::interval(self.config.autoscale_interval);
         autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let scaling = !self.warm.is_empty();
+        let mut saved_at = Instant::now();
         loop {
             if session.is_none() && Instant::now() >= retry_at {
                 let connected = tokio::select! {
@@ -372,7 +390,13 @@ impl Worker {
                     }
                 }
                 _ = reap.tick() => self.reap().await,
-                _ = autoscale.tick(), if scaling => self.autoscale(session.as_ref()).await,
+                _ = autoscale.tick(), if scaling => {
+                    self.autoscale(session.as_ref()).await;
+                    if saved_at.elapsed() >= HISTORY_EVERY {
+                        saved_at = Instant::now();
+                        self.save_histories();
+                    }
+                }
                 Some(done) = self.prepares.join_next(), if !self.prepares.is_empty() => {
                     match done {
                         Ok((pool, runner, result)) => {
@@ -385,6 +409,9 @@ impl Worker {
             }
         }
         drop(session);
+        if scaling {
+            self.save_histories();
+        }
         self.prepares.shutdown().await;
         self.backend.shutdown().await;
         // Drain what the backend reported while shutting down, so logs are complete.
@@ -592,6 +619,15 @@ impl Worker {
                 });
                 self.finish(job, fence, crash, now_ms(), session).await;
             }
+        }
+    }
+
+    /// Keeps what the time-of-day floors learnt (see [`AgentConfig::history_file`]).
+    fn save_histories(&self) {
+        if let Some(file) = &self.config.history_file
+            && let Err(e) = save_histories(file, &self.warm)
+        {
+            tracing::warn!(file = %file.display(), error = %e, "Cannot save what the time-of-day floors learnt.");
         }
     }
 

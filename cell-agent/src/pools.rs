@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use flotilla_core::autoscale::{Autoscaler, Change, PoolLoad, RunnerId, RunnerPool};
+use std::path::Path;
+
+use flotilla_core::autoscale::{Autoscaler, Change, DemandHistory, PoolLoad, RunnerId, RunnerPool};
 use flotilla_core::ids::{Fence, JobId};
 use flotilla_core::runner::Assignment;
 
@@ -151,6 +153,45 @@ impl WarmPool {
 /// Every warm pool, by name.
 pub(crate) type WarmPools = BTreeMap<String, WarmPool>;
 
+/// Writes the warm pools' demand histories (what their time-of-day floors learnt) to
+/// `path`, atomically (a temporary file renamed over it), so a restarted agent does not
+/// start learning again — a weekly floor needs weeks.
+pub(crate) fn save_histories(path: &Path, pools: &WarmPools) -> std::io::Result<()> {
+    let histories: BTreeMap<&str, &DemandHistory> = pools
+        .iter()
+        .filter_map(|(name, p)| p.scaler.history().map(|h| (name.as_str(), h)))
+        .collect();
+    if histories.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_vec(&histories).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads what [`save_histories`] wrote into the pools whose floors learn the same way;
+/// returns the pools restored. A missing file is no history; an unreadable one is reported
+/// and ignored (the floor learns again).
+pub(crate) fn load_histories(path: &Path, pools: &mut WarmPools) -> Result<Vec<String>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let histories: BTreeMap<String, DemandHistory> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut restored = Vec::new();
+    for (name, history) in histories {
+        if let Some(pool) = pools.get_mut(&name)
+            && pool.scaler.restore_history(history)
+        {
+            restored.push(name);
+        }
+    }
+    Ok(restored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +306,79 @@ mod tests {
         assert!(
             !p.decide(5_100).prepare.is_empty(),
             "a success ends the back-off"
+        );
+    }
+
+    #[test]
+    fn what_a_floor_learnt_survives_a_restart_of_the_agent() {
+        use flotilla_core::autoscale::{FloorPolicy, Period};
+        const HOUR: u64 = 3_600_000;
+        let floored = |period| Policy {
+            min: 0,
+            max: 100,
+            floor: Some(FloorPolicy {
+                period,
+                lookahead_ms: 0,
+                ..FloorPolicy::default()
+            }),
+            ..Policy::default()
+        };
+        let mut pools = WarmPools::new();
+        pools.insert(
+            "default".into(),
+            WarmPool::new(Autoscaler::new(floored(Period::Day))),
+        );
+        // 40 jobs waiting all through nine o'clock.
+        let p = pools.get_mut("default").unwrap();
+        for j in 1..=40 {
+            p.enqueue(assignment(j));
+        }
+        p.decide(9 * HOUR);
+        p.waiting.clear();
+        p.decide(10 * HOUR);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("demand-history.json");
+        save_histories(&file, &pools).unwrap();
+
+        // A new agent: its pool knows nothing until it reads the file.
+        let fresh = || {
+            let mut pools = WarmPools::new();
+            pools.insert(
+                "default".into(),
+                WarmPool::new(Autoscaler::new(floored(Period::Day))),
+            );
+            pools.insert(
+                "other".into(),
+                WarmPool::new(Autoscaler::new(floored(Period::Day))),
+            );
+            pools
+        };
+        let mut again = fresh();
+        let tomorrow_nine = 33 * HOUR;
+        let before = again.get_mut("default").unwrap().decide(tomorrow_nine);
+        assert!(before.prepare.is_empty(), "nothing learnt yet");
+        let mut again = fresh();
+        assert_eq!(load_histories(&file, &mut again).unwrap(), ["default"]);
+        let after = again.get_mut("default").unwrap().decide(tomorrow_nine);
+        assert_eq!(after.prepare.len(), 40, "yesterday's nine o'clock, ready");
+        // A floor that learns per week does not take a daily history.
+        let mut weekly = WarmPools::new();
+        weekly.insert(
+            "default".into(),
+            WarmPool::new(Autoscaler::new(floored(Period::Week))),
+        );
+        assert!(load_histories(&file, &mut weekly).unwrap().is_empty());
+        // No file, no history; a damaged one is an error the agent reports.
+        assert!(
+            load_histories(&dir.path().join("none"), &mut fresh())
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::write(&file, "{").unwrap();
+        assert!(
+            load_histories(&file, &mut fresh())
+                .unwrap_err()
+                .contains("demand-history.json")
         );
     }
 }

@@ -158,6 +158,12 @@ impl DemandHistory {
         peaks[rank - 1]
     }
 
+    /// What repeats, and how many periods it keeps: a history is only worth restoring into
+    /// a policy that learns the same way.
+    pub fn shape(&self) -> (Period, usize) {
+        (self.period, self.depth)
+    }
+
     /// How many past hours the slot of `at_ms` holds.
     pub fn depth_at(&self, at_ms: u64) -> usize {
         self.slots[self.period.slot(at_ms / HOUR_MS)].len()

@@ -183,10 +183,15 @@ impl Autoscaler {
         self.history.as_ref()
     }
 
-    /// Replaces the demand history (one saved by an earlier run), when there is a floor.
-    pub fn restore_history(&mut self, history: DemandHistory) {
-        if self.history.is_some() {
-            self.history = Some(history);
+    /// Replaces the demand history with one saved by an earlier run, when the policy has a
+    /// floor learnt the same way (same period and depth). True when it was taken.
+    pub fn restore_history(&mut self, history: DemandHistory) -> bool {
+        match &mut self.history {
+            Some(h) if h.shape() == history.shape() => {
+                *h = history;
+                true
+            }
+            _ => false,
         }
     }
 
