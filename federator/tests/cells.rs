@@ -372,15 +372,7 @@ async fn a_silent_cells_job_moves_to_another_cell_and_the_returning_agent_is_fen
         done["attempt"], 2,
         "the stale success must not count: {done}"
     );
-    let metrics = c
-        .client
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics(0).await;
     assert!(
         metrics.contains("flotilla_cell_stale_updates_total 1"),
         "{metrics}"
@@ -611,15 +603,7 @@ async fn a_warm_pool_runs_jobs_on_ready_runners_scales_with_the_workload_and_ret
     }
     // Two at first, two more for the workload, one to get back to the minimum.
     assert_eq!(stats.runners_prepared.load(Ordering::Relaxed), 5);
-    let metrics = c
-        .client
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics(0).await;
     let lines: Vec<&str> = metrics.lines().collect();
     assert!(
         lines.contains(

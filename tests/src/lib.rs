@@ -71,6 +71,27 @@ pub fn flotilla() -> Command {
     cmd
 }
 
+/// What a finished `flotilla` command left: its exit code and its output.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code.
+    pub code: i32,
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+/// Runs `flotilla ARGS` from the workspace root to the end.
+pub fn run(args: &[&str]) -> Run {
+    let out = flotilla().args(args).output().expect("run flotilla");
+    Run {
+        code: out.status.code().expect("exited"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A real `flotilla dev` process for tests (see `tests/dev.rs`).
 pub mod dev {
     use std::path::Path;

@@ -2,22 +2,7 @@
 
 use std::fs;
 
-use flotilla_tests::flotilla;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Run {
-    let out = flotilla().args(args).output().expect("run flotilla");
-    Run {
-        code: out.status.code().expect("exited"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use flotilla_tests::run;
 
 /// A small day: quick even in a debug build.
 const SMALL: [&str; 6] = ["--builds", "400", "--cells", "3", "--projects", "20"];

@@ -3,22 +3,7 @@
 use std::fs;
 
 use flotilla_core::pipeline;
-use flotilla_tests::{flotilla, workspace_root};
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Run {
-    let out = flotilla().args(args).output().expect("run flotilla");
-    Run {
-        code: out.status.code().expect("exited"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use flotilla_tests::{run, workspace_root};
 
 fn example_files(dir: &str) -> Vec<String> {
     let mut files: Vec<String> = fs::read_dir(workspace_root().join(dir))

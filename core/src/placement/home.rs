@@ -44,7 +44,7 @@ pub(crate) fn fnv1a64_extend(h: u64, bytes: &[u8]) -> u64 {
 
 /// The SplitMix64 output function: a bijection with full avalanche, so nearby inputs (FNV
 /// of ids that differ in one character) land far apart.
-fn splitmix64(x: u64) -> u64 {
+pub(crate) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

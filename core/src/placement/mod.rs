@@ -59,6 +59,7 @@ pub use home::{home_cell, rendezvous_hash};
 
 use book::Book;
 use home::HomeCache;
+pub(crate) use home::splitmix64;
 
 use crate::ids::{CellId, JobId};
 use crate::state::{Placement, State};

@@ -142,6 +142,12 @@ impl Cluster {
         format!("http://{}{path}", self.slots[i].http)
     }
 
+    /// Replica `i`'s `/metrics` text.
+    pub async fn metrics(&self, i: usize) -> String {
+        let resp = self.client.get(self.url(i, "/metrics")).send().await;
+        resp.unwrap().text().await.unwrap()
+    }
+
     pub fn leader_index(&self) -> Option<usize> {
         let f = self.slots.iter().find_map(|s| s.fed.as_ref())?;
         let leader = f.node().metrics().current_leader?;
