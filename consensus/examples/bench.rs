@@ -13,6 +13,10 @@
 //! and on the last line the ratios to etcd.
 #![allow(clippy::print_stdout, clippy::disallowed_methods, missing_docs)]
 
+/// The same allocator as the `flotilla` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{Read as _, Write as _};
@@ -40,6 +44,7 @@ struct Options {
     single_writes: usize,
     clients: usize,
     concurrent_writes: usize,
+    early_replication: bool,
 }
 
 fn options() -> Options {
@@ -49,6 +54,7 @@ fn options() -> Options {
         single_writes: 10_000,
         clients: 256,
         concurrent_writes: 100_000,
+        early_replication: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -59,9 +65,10 @@ fn options() -> Options {
             "--single-writes" => o.single_writes = val().parse().expect("a number"),
             "--clients" => o.clients = val().parse().expect("a number"),
             "--concurrent-writes" => o.concurrent_writes = val().parse().expect("a number"),
+            "--no-early-replication" => o.early_replication = false,
             "-h" | "--help" => {
                 println!(
-                    "bench [--etcd-bin PATH] [--data-dir DIR] [--single-writes N] [--clients N] [--concurrent-writes N]"
+                    "bench [--etcd-bin PATH] [--data-dir DIR] [--single-writes N] [--clients N] [--concurrent-writes N] [--no-early-replication]"
                 );
                 std::process::exit(0);
             }
@@ -222,7 +229,7 @@ struct Flotilla {
     leader_addr: String,
 }
 
-async fn start_flotilla(dir: &Path) -> Flotilla {
+async fn start_flotilla(dir: &Path, early_replication: bool) -> Flotilla {
     let mut nodes = Vec::new();
     let mut members = BTreeMap::new();
     let mut listeners = Vec::new();
@@ -232,7 +239,8 @@ async fn start_flotilla(dir: &Path) -> Flotilla {
         listeners.push(l);
     }
     for (id, l) in (1..=3u64).zip(listeners) {
-        let cfg = NodeConfig::new(id, dir.join(format!("flotilla-{id}")), members[&id].clone());
+        let mut cfg = NodeConfig::new(id, dir.join(format!("flotilla-{id}")), members[&id].clone());
+        cfg.early_replication = early_replication;
         nodes.push(Arc::new(
             Node::start(cfg, l, KvStore::default()).await.unwrap(),
         ));
@@ -417,7 +425,11 @@ async fn main() {
     let o = options();
     let _ = std::fs::remove_dir_all(&o.data_dir);
     std::fs::create_dir_all(&o.data_dir).expect("create the data dir");
-    println!("data dir: {} (fsync on)", o.data_dir.display());
+    println!(
+        "data dir: {} (fsync on); early replication {}",
+        o.data_dir.display(),
+        if o.early_replication { "on" } else { "off" }
+    );
     let fsync = measure_fsync(&o.data_dir);
     let rtt = measure_rtt();
     println!(
@@ -426,7 +438,7 @@ async fn main() {
         rtt.as_secs_f64() * 1e3
     );
 
-    let f = start_flotilla(&o.data_dir).await;
+    let f = start_flotilla(&o.data_dir, o.early_replication).await;
     let chans = channels(&f.leader_addr, 8).await;
     let leader = f
         .nodes
@@ -458,6 +470,13 @@ async fn main() {
             micros as f64 / 1e3 / fsyncs.max(1) as f64
         );
     }
+    let early = leader.early_stats();
+    println!(
+        "flotilla early replication: {} batches offered, {} requests sent, {} accepted",
+        early.offered.load(Relaxed),
+        early.sent.load(Relaxed),
+        early.accepted.load(Relaxed)
+    );
     let floor = fsync + rtt * 2;
     println!(
         "single-client p50 {:.2} ms vs one fsync + two round trips {:.2} ms: {:.2}x",

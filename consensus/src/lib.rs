@@ -3,7 +3,9 @@
 //! Built on openraft 0.9 (pinned exactly) rather than a home-made Raft. Layout:
 //! - [`types`]: the openraft type configuration and the [`StateMachine`] trait an
 //!   application implements (the federator plugs in `flotilla-core`'s deterministic `apply`).
-//! - [`store`]: redb-backed log, vote, committed index and snapshots, with group commit.
+//! - [`store`]: the log, vote and committed index in an append-only file with group commit;
+//!   snapshots in redb.
+//! - [`early`]: the leader offers fresh entries to followers while its own sync runs.
 //! - [`kv`]: a small key-value state machine for tests, benchmarks and bring-up.
 //!
 //! - [`network`]: the tonic client side (one channel per peer, deadlines, backoff, streamed
@@ -18,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 mod batcher;
+pub mod early;
 pub mod kv;
 pub mod network;
 mod node;

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::batcher::{self, Proposer};
+use crate::early;
 use crate::network::{Faults, Network};
 use crate::server::{AdminGrpc, LEADER_ADDR_KEY, LEADER_ID_KEY, RaftGrpc};
 use crate::store::{self, LogStats};
@@ -42,6 +43,10 @@ pub struct NodeConfig {
     pub keep_entries_behind_snapshot: u64,
     /// Faults to inject into this replica's outgoing traffic (tests only).
     pub faults: Option<Faults>,
+    /// Whether the leader sends freshly appended entries to followers while its own sync runs
+    /// (see the `early` module); on by default. Off, a write waits for the leader's sync and
+    /// then a follower's, in series.
+    pub early_replication: bool,
     /// Mutual TLS for everything this replica serves and dials (peers, forwarded proposals);
     /// `None` (the default) is plaintext. Every replica of a cluster must agree. See
     /// [`TlsConfig`] for what the certificates must carry.
@@ -64,6 +69,7 @@ impl NodeConfig {
             snapshot_after_entries: 10_000,
             keep_entries_behind_snapshot: 1_000,
             faults: None,
+            early_replication: true,
             tls: None,
         }
     }
@@ -158,7 +164,9 @@ pub struct Node<S: StateMachine> {
     log_stats: Arc<LogStats>,
     storage_closed: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     proposals: Proposer,
-    batcher: Mutex<Option<JoinHandle<()>>>,
+    early_stats: Arc<early::EarlyStats>,
+    /// The proposal batcher and the early-replication sender.
+    background: Mutex<Vec<JoinHandle<()>>>,
     /// One lazily-connected channel per leader address, for forwarded proposals.
     leader_channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
     server: Mutex<Option<JoinHandle<()>>>,
@@ -191,12 +199,13 @@ impl<S: StateMachine> Node<S> {
         let stores =
             store::open(&config.data_dir, app).map_err(|e| NodeError::Storage(e.to_string()))?;
         let log_stats = stores.log.stats();
+        let early_hook = stores.log.early_hook();
         let network =
             Network::new(config.node_id, config.faults.clone()).with_tls(config.tls.clone());
         let raft = Raft::new(
             config.node_id,
             raft_config,
-            network,
+            network.clone(),
             stores.log,
             stores.state_machine,
         )
@@ -204,6 +213,18 @@ impl<S: StateMachine> Node<S> {
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
         let (proposals, batcher) = batcher::spawn(raft.clone(), config.node_id);
+        let mut background = vec![batcher];
+        let early_stats = Arc::new(early::EarlyStats::default());
+        if config.early_replication {
+            background.push(early::spawn(
+                &early_hook,
+                config.node_id,
+                raft.clone(),
+                network,
+                config.election_timeout,
+                early_stats.clone(),
+            ));
+        }
         let (stop_server, stopped) = oneshot::channel::<()>();
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
@@ -244,7 +265,8 @@ impl<S: StateMachine> Node<S> {
             log_stats,
             storage_closed: tokio::sync::Mutex::new(Some(stores.closed)),
             proposals,
-            batcher: Mutex::new(Some(batcher)),
+            background: Mutex::new(background),
+            early_stats,
             leader_channels: Mutex::default(),
             server: Mutex::new(Some(server)),
             stop_server: Mutex::new(Some(stop_server)),
@@ -278,6 +300,11 @@ impl<S: StateMachine> Node<S> {
             self.log_stats.fsyncs.load(Relaxed),
             self.log_stats.entries.load(Relaxed),
         )
+    }
+
+    /// How this replica's early replication went (see [`NodeConfig::early_replication`]).
+    pub fn early_stats(&self) -> &early::EarlyStats {
+        &self.early_stats
     }
 
     /// This replica's log-writing counters: fsyncs, entries, and time spent committing.
@@ -466,7 +493,7 @@ impl<S: StateMachine> Node<S> {
     /// directory is released, so the replica can be started again in the same process.
     /// Idempotent.
     pub async fn shutdown(&self) {
-        self.stop_batcher();
+        self.stop_background();
         let _ = self.raft.shutdown().await;
         self.await_storage_closed().await;
         let stop = self
@@ -498,19 +525,15 @@ impl<S: StateMachine> Node<S> {
             server.abort();
             let _ = server.await;
         }
-        self.stop_batcher();
+        self.stop_background();
         let _ = self.raft.shutdown().await;
         self.await_storage_closed().await;
     }
 
-    fn stop_batcher(&self) {
-        if let Some(b) = self
-            .batcher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            b.abort();
+    fn stop_background(&self) {
+        let tasks = std::mem::take(&mut *self.background.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            task.abort();
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flotilla_consensus::kv::{KvCommand, KvStore};
@@ -169,6 +170,16 @@ async fn three_members_elect_replicate_ten_thousand_commands_and_agree() {
     assert!(
         fsyncs * 2 < 10_000,
         "{fsyncs} leader fsyncs ({entries} entries) for 10,000 proposals"
+    );
+    // The leader sent fresh entries to followers while its own sync ran, and they took them.
+    let early = leader.early_stats();
+    let (offered, accepted) = (
+        early.offered.load(Ordering::Relaxed),
+        early.accepted.load(Ordering::Relaxed),
+    );
+    assert!(
+        offered > 0 && accepted > 0,
+        "early replication: {offered} batches offered, {accepted} requests accepted"
     );
     c.stop_all().await;
 }

@@ -1,14 +1,19 @@
-//! The Raft log, vote and committed index: in memory for reads, in redb for durability.
+//! The Raft log, vote and committed index: in memory for reads, in the log file
+//! ([`super::wal`]) for durability.
 //!
 //! Appends return as soon as the entries are in memory (openraft requires them to be readable
 //! by then) and are handed to one writer thread. The writer drains *everything* queued — the
-//! appends of many concurrent proposals, votes, truncations — into one redb transaction and
-//! one fsync, then tells openraft the entries are durable. That is group commit: under load
+//! appends of many concurrent proposals, votes, truncations — into one write and one
+//! `fdatasync`, then tells openraft the entries are durable. That is group commit: under load
 //! the number of fsyncs grows far slower than the number of entries.
+//!
+//! Logs written by earlier versions live in the replica's redb file; the first start of this
+//! version moves them into the log file and clears them from redb ([`LogStore::open`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,18 +21,20 @@ use std::thread;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, Vote};
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, TableDefinition};
 
 use super::Db;
+use super::wal::{Contents, Wal};
+use crate::early::EarlyHook;
 use tokio::sync::oneshot;
 
 use openraft::{ErrorSubject, ErrorVerb};
 
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig, decode, encode, storage_error};
 
-/// Log entries by index, postcard-encoded.
+/// Log entries by index, postcard-encoded: where versions before the log file kept them.
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// Small records: vote, committed, last purged, snapshot.
+/// Small records: the snapshot (and, before the log file, vote, committed and last purged).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const VOTE: &str = "vote";
@@ -37,12 +44,14 @@ const LAST_PURGED: &str = "last_purged";
 /// Counters for benchmarks and metrics: how well appends are batched.
 #[derive(Debug, Default)]
 pub struct LogStats {
-    /// Durable redb commits made by the writer (each one fsync).
+    /// Durable writes made by the writer (each one `fdatasync`).
     pub fsyncs: AtomicU64,
     /// Log entries made durable.
     pub entries: AtomicU64,
     /// Time spent in those durable commits (writes and fsync), in microseconds.
     pub commit_micros: AtomicU64,
+    /// Appends handed to the writer and not yet durable.
+    pub appends_in_flight: AtomicU64,
 }
 
 /// What the writer thread does, in order.
@@ -53,8 +62,7 @@ enum Write {
         committed: Option<Vec<u8>>,
         done: LogFlushed<TypeConfig>,
     },
-    Meta {
-        key: &'static str,
+    Vote {
         value: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
@@ -85,6 +93,7 @@ pub struct LogStore {
     cache: Arc<Mutex<Cache>>,
     writer: mpsc::Sender<Write>,
     stats: Arc<LogStats>,
+    early: EarlyHook,
 }
 
 impl Debug for LogStore {
@@ -94,22 +103,38 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
-    /// Opens the log in `db`, loading what is there, and starts its writer thread. The thread
+    /// Opens the log in `dir` (moving it out of the replica's redb file `db` the first time,
+    /// see the module docs), loading what is there, and starts its writer thread. The thread
     /// ends when the last clone of the store is dropped.
-    pub fn open(db: Arc<Db>) -> Result<Self, StorageError> {
-        let cache = load(&db).map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+    pub fn open(dir: &Path, db: Arc<Db>) -> Result<Self, StorageError> {
+        let read_error = |e: std::io::Error| storage_error(ErrorSubject::Logs, ErrorVerb::Read, e);
+        let (wal, contents) = if Wal::exists(dir) {
+            Wal::open(dir).map_err(read_error)?
+        } else {
+            let contents = legacy_contents(&db).map_err(read_error)?;
+            let wal = Wal::create(dir, &contents).map_err(read_error)?;
+            clear_legacy(&db).map_err(read_error)?;
+            (wal, contents)
+        };
+        let cache = cache_of(contents).map_err(read_error)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());
         let writer_stats = stats.clone();
         thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer(&db, &rx, &writer_stats))
+            .spawn(move || writer(wal, &rx, &writer_stats))
             .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
         Ok(Self {
             cache: Arc::new(Mutex::new(cache)),
             writer: tx,
             stats,
+            early: EarlyHook::default(),
         })
+    }
+
+    /// Where the leader's own appends are offered for early replication ([`crate::early`]).
+    pub(crate) fn early_hook(&self) -> EarlyHook {
+        self.early.clone()
     }
 
     /// Batching counters.
@@ -135,27 +160,43 @@ impl LogStore {
             .map_err(|_| std::io::Error::other("the log writer has stopped"))?
             .map_err(std::io::Error::other)
     }
-
-    async fn save_meta(&self, key: &'static str, value: Vec<u8>) -> Result<(), std::io::Error> {
-        self.send_and_wait(|done| Write::Meta { key, value, done })
-            .await
-    }
 }
 
-fn load(db: &Database) -> Result<Cache, std::io::Error> {
-    let tx = db.begin_read().map_err(std::io::Error::other)?;
-    let mut cache = Cache {
-        entries: BTreeMap::new(),
-        vote: None,
-        committed: None,
+/// Decodes what the log file holds.
+fn cache_of(contents: Contents) -> Result<Cache, std::io::Error> {
+    let mut entries = BTreeMap::new();
+    for (index, bytes) in &contents.entries {
+        entries.insert(*index, decode(bytes)?);
+    }
+    Ok(Cache {
+        entries,
+        vote: contents.vote.as_deref().map(decode).transpose()?,
+        committed: contents
+            .committed
+            .as_deref()
+            .map(decode)
+            .transpose()?
+            .flatten(),
         committed_unsaved: None,
-        last_purged: None,
-    };
+        last_purged: contents
+            .purged
+            .as_ref()
+            .map(|(_, id)| decode(id))
+            .transpose()?
+            .flatten(),
+    })
+}
+
+/// The log as versions before the log file kept it in redb (empty for a new replica).
+fn legacy_contents(db: &Database) -> Result<Contents, std::io::Error> {
+    use redb::ReadableTable;
+    let tx = db.begin_read().map_err(std::io::Error::other)?;
+    let mut contents = Contents::default();
     match tx.open_table(LOG) {
         Ok(log) => {
             for row in log.iter().map_err(std::io::Error::other)? {
                 let (k, v) = row.map_err(std::io::Error::other)?;
-                cache.entries.insert(k.value(), decode(v.value())?);
+                contents.entries.insert(k.value(), v.value().to_vec());
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -169,32 +210,49 @@ fn load(db: &Database) -> Result<Cache, std::io::Error> {
                     .map_err(std::io::Error::other)?
                     .map(|v| v.value().to_vec()))
             };
-            if let Some(v) = get(VOTE)? {
-                cache.vote = Some(decode(&v)?);
-            }
-            if let Some(v) = get(COMMITTED)? {
-                cache.committed = decode(&v)?;
-            }
-            if let Some(v) = get(LAST_PURGED)? {
-                cache.last_purged = decode(&v)?;
+            contents.vote = get(VOTE)?;
+            contents.committed = get(COMMITTED)?;
+            if let Some(id) = get(LAST_PURGED)? {
+                let purged: Option<LogId> = decode(&id)?;
+                if let Some(p) = purged {
+                    contents.purged = Some((p.index, id));
+                }
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(std::io::Error::other(e)),
     }
-    Ok(cache)
+    Ok(contents)
 }
 
-/// The writer loop: take one write, then everything else already queued, commit them in one
-/// durable transaction, then acknowledge each.
-fn writer(db: &Database, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
+/// Removes the redb copy of the log once the log file holds it.
+fn clear_legacy(db: &Database) -> Result<(), std::io::Error> {
+    let run = || -> Result<(), Box<dyn std::error::Error>> {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate);
+        tx.delete_table(LOG)?;
+        {
+            let mut meta = tx.open_table(META)?;
+            for key in [VOTE, COMMITTED, LAST_PURGED] {
+                meta.remove(key)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    };
+    run().map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// The writer loop: take one write, then everything else already queued, make them durable
+/// with one `fdatasync`, then acknowledge each.
+fn writer(mut wal: Wal, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         // Measuring real disk time is the point here; no simulated clock could stand in.
         #[allow(clippy::disallowed_methods)]
         let started = std::time::Instant::now();
-        let result = commit(db, &batch);
+        let result = commit(&mut wal, &batch).map_err(|e| e.to_string());
         let took = started.elapsed().as_micros() as u64;
         let entries: u64 = batch
             .iter()
@@ -210,9 +268,11 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
         }
         for w in batch {
             match w {
-                Write::Append { done, .. } => done
-                    .log_io_completed(result.clone().map_err(|e| std::io::Error::other(e.clone()))),
-                Write::Meta { done, .. }
+                Write::Append { done, .. } => {
+                    stats.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
+                    done.log_io_completed(result.clone().map_err(std::io::Error::other));
+                }
+                Write::Vote { done, .. }
                 | Write::Truncate { done, .. }
                 | Write::Purge { done, .. } => {
                     let _ = done.send(result.clone());
@@ -222,42 +282,25 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
     }
 }
 
-fn commit(db: &Database, batch: &[Write]) -> Result<(), String> {
-    let run = || -> Result<(), Box<dyn std::error::Error>> {
-        let mut tx = db.begin_write()?;
-        tx.set_durability(Durability::Immediate);
-        {
-            let mut log = tx.open_table(LOG)?;
-            let mut meta = tx.open_table(META)?;
-            for w in batch {
-                match w {
-                    Write::Append {
-                        entries, committed, ..
-                    } => {
-                        for (index, bytes) in entries {
-                            log.insert(*index, bytes.as_slice())?;
-                        }
-                        if let Some(c) = committed {
-                            meta.insert(COMMITTED, c.as_slice())?;
-                        }
-                    }
-                    Write::Meta { key, value, .. } => {
-                        meta.insert(*key, value.as_slice())?;
-                    }
-                    Write::Truncate { from, .. } => {
-                        log.retain_in(*from.., |_, _| false)?;
-                    }
-                    Write::Purge { upto, record, .. } => {
-                        log.retain_in(..=*upto, |_, _| false)?;
-                        meta.insert(LAST_PURGED, record.as_slice())?;
-                    }
+fn commit(wal: &mut Wal, batch: &[Write]) -> Result<(), std::io::Error> {
+    for w in batch {
+        match w {
+            Write::Append {
+                entries, committed, ..
+            } => {
+                for (index, bytes) in entries {
+                    wal.push_entry(*index, bytes);
+                }
+                if let Some(c) = committed {
+                    wal.push_committed(c);
                 }
             }
+            Write::Vote { value, .. } => wal.push_vote(value),
+            Write::Truncate { from, .. } => wal.push_truncate(*from),
+            Write::Purge { upto, record, .. } => wal.purge(*upto, record)?,
         }
-        tx.commit()?;
-        Ok(())
-    };
-    run().map_err(|e| e.to_string())
+    }
+    wal.sync()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -300,7 +343,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let bytes =
             encode(vote).map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
-        self.save_meta(VOTE, bytes)
+        self.send_and_wait(|done| Write::Vote { value: bytes, done })
             .await
             .map_err(|e| storage_error(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
         self.cache().vote = Some(*vote);
@@ -338,26 +381,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        let committed;
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut encoded = Vec::with_capacity(entries.len());
+        let (committed, vote, prev);
         {
             let mut c = self.cache();
             committed = c.committed_unsaved.take();
-            for entry in entries {
-                let bytes = encode(&entry).map_err(|e| {
+            vote = c.vote;
+            // The id of the entry before these (`Some(None)`: they start the log; `None`:
+            // unknown here, so they are not offered early).
+            prev = match entries.first().map(|e| e.log_id.index) {
+                Some(0) => Some(None),
+                Some(first) => c
+                    .entries
+                    .get(&(first - 1))
+                    .map(|e| e.log_id)
+                    .or(c.last_purged.filter(|p| p.index == first - 1))
+                    .map(Some),
+                None => None,
+            };
+            for entry in &entries {
+                let bytes = encode(entry).map_err(|e| {
                     storage_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, &e)
                 })?;
                 encoded.push((entry.log_id.index, bytes));
-                c.entries.insert(entry.log_id.index, entry);
+                c.entries.insert(entry.log_id.index, entry.clone());
             }
         }
+        // Early replication pays when the leader waits for one sync at a time. While an
+        // earlier append is still syncing, writes are arriving faster than syncs and are
+        // being batched: throughput is bound by CPU, and sending every entry twice would
+        // only cost more of it.
+        let writer_idle = self.stats.appends_in_flight.fetch_add(1, Ordering::SeqCst) == 0;
         self.writer
             .send(Write::Append {
                 entries: encoded,
                 committed,
                 done: callback,
             })
-            .map_err(|_| storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped"))
+            .map_err(|_| {
+                storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped")
+            })?;
+        if let (Some(prev), true) = (prev, writer_idle) {
+            self.early.offer(vote.as_ref(), prev, &entries);
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -386,5 +454,88 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::store::open_db;
+    use crate::types::Request;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
+            payload: EntryPayload::Normal(Request(bytes::Bytes::from(format!("command {index}")))),
+        }
+    }
+
+    /// A replica upgraded from a version that kept its log in redb keeps every entry, its
+    /// vote, committed index and purge point, and the redb copy is gone afterwards.
+    #[tokio::test]
+    async fn a_log_kept_in_redb_by_an_earlier_version_moves_into_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vote = Vote::new_committed(3, 1);
+        let committed = Some(entry(7).log_id);
+        let purged = Some(entry(4).log_id);
+        {
+            let (db, _closed) = open_db(dir.path()).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut log = tx.open_table(LOG).unwrap();
+                for i in 5..=9 {
+                    log.insert(i, encode(&entry(i)).unwrap().as_slice())
+                        .unwrap();
+                }
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert(VOTE, encode(&vote).unwrap().as_slice())
+                    .unwrap();
+                meta.insert(COMMITTED, encode(&committed).unwrap().as_slice())
+                    .unwrap();
+                meta.insert(LAST_PURGED, encode(&purged).unwrap().as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+
+        let (db, _closed) = open_db(dir.path()).unwrap();
+        let mut log = LogStore::open(dir.path(), db.clone()).unwrap();
+        let read = |log: &mut LogStore| {
+            let mut log = log.clone();
+            async move {
+                let entries = log.try_get_log_entries(0..100).await.unwrap();
+                let state = log.get_log_state().await.unwrap();
+                (
+                    entries,
+                    log.read_vote().await.unwrap(),
+                    log.read_committed().await.unwrap(),
+                    state.last_purged_log_id,
+                )
+            }
+        };
+        let expected = (
+            (5..=9).map(entry).collect::<Vec<_>>(),
+            Some(vote),
+            committed,
+            purged,
+        );
+        assert_eq!(read(&mut log).await, expected);
+        assert!(Wal::exists(dir.path()));
+        {
+            let tx = db.begin_read().unwrap();
+            assert!(matches!(
+                tx.open_table(LOG),
+                Err(redb::TableError::TableDoesNotExist(_))
+            ));
+            let meta = tx.open_table(META).unwrap();
+            assert!(meta.get(VOTE).unwrap().is_none());
+        }
+        drop(log);
+
+        // And a restart reads it from the log file.
+        let mut log = LogStore::open(dir.path(), db).unwrap();
+        assert_eq!(read(&mut log).await, expected);
     }
 }

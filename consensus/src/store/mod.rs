@@ -1,8 +1,10 @@
-//! Durable storage for Raft: one redb file per replica holding the log, the vote, the
-//! committed index and the latest snapshot.
+//! Durable storage for Raft, in the replica's data directory: the log, the vote and the
+//! committed index in an append-only log file (`raft.wal`, see [`wal`]), the latest snapshot
+//! in a redb file (`raft.redb`).
 
 mod log;
 mod state_machine;
+mod wal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -87,7 +89,7 @@ pub fn open<S: StateMachine>(dir: &Path, app: S) -> Result<Stores<S>, StorageErr
     let state_machine =
         StateMachineStore::open(db.clone(), Box::new(state_machine::Typed(app.clone())))?;
     Ok(Stores {
-        log: LogStore::open(db)?,
+        log: LogStore::open(dir, db)?,
         state_machine,
         app,
         closed,

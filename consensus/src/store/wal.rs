@@ -1,0 +1,481 @@
+//! The Raft log on disk: one append-only file of checksummed records, `raft.wal`.
+//!
+//! Why not redb, which keeps the snapshots: a redb commit rewrites several B-tree and
+//! allocator pages before its one `fdatasync`, and measured 0.22–0.36 ms per commit on the
+//! build machines, while appending one record to a preallocated file and syncing it costs
+//! 0.11–0.15 ms. A commit on the single-client path is one of these on the leader and one on
+//! a follower, so the file halves the storage share of every write's latency (decision 50 in
+//! docs/ARCHITECTURE.md, figures in docs/benchmarks.md).
+//!
+//! Format, version 1: the file starts with the 8-byte magic [`MAGIC`], then records, each
+//! `len: u32 LE | crc32: u32 LE | body` where `body` is `len` bytes, `kind: u8` then the
+//! payload, and the CRC-32 (IEEE) covers the body:
+//!
+//! | kind | payload |
+//! |---|---|
+//! | 1 entry | index `u64 LE`, then the postcard-encoded entry |
+//! | 2 vote | the postcard-encoded vote |
+//! | 3 committed | the postcard-encoded `Option<LogId>` |
+//! | 4 truncate | index `u64 LE`: entries from it on are gone |
+//! | 5 purged | index `u64 LE`, then the postcard-encoded `Option<LogId>`: entries up to it are gone |
+//!
+//! The file is allocated ahead in [`ALLOCATE_STEP`] steps, so an append changes no file size
+//! and its `fdatasync` flushes data only. Reading stops at the first record that is
+//! incomplete or fails its checksum: the tail of a write that a crash tore, which was never
+//! acknowledged. What follows it is zeroed before anything new is written, so leftovers of
+//! the torn write can never be read as records later. Purging rewrites the file: the live
+//! records are copied into `raft.wal.tmp`, which is synced and renamed over `raft.wal`, and
+//! the directory is synced.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The first 8 bytes of a version-1 log file.
+pub(crate) const MAGIC: &[u8; 8] = b"FLTWAL01";
+/// How far ahead the file is allocated.
+pub(crate) const ALLOCATE_STEP: u64 = 64 << 20;
+const FILE: &str = "raft.wal";
+const TMP: &str = "raft.wal.tmp";
+const HEADER: usize = 8;
+
+const ENTRY: u8 = 1;
+const VOTE: u8 = 2;
+const COMMITTED: u8 = 3;
+const TRUNCATE: u8 = 4;
+const PURGED: u8 = 5;
+
+/// What a log file holds, as encoded bytes (the caller decodes).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Contents {
+    /// Live entries by index.
+    pub(crate) entries: BTreeMap<u64, Vec<u8>>,
+    pub(crate) vote: Option<Vec<u8>>,
+    pub(crate) committed: Option<Vec<u8>>,
+    /// The last purged index and its encoded log id.
+    pub(crate) purged: Option<(u64, Vec<u8>)>,
+}
+
+/// An open log file, written by one thread.
+#[derive(Debug)]
+pub(crate) struct Wal {
+    dir: PathBuf,
+    file: File,
+    /// Where the next record goes.
+    end: u64,
+    /// The file's length: everything below it is allocated.
+    allocated: u64,
+    /// Live entries: index → (offset, length) of their record.
+    entries: BTreeMap<u64, (u64, usize)>,
+    vote: Option<Vec<u8>>,
+    committed: Option<Vec<u8>>,
+    purged: Option<(u64, Vec<u8>)>,
+    /// Records not yet written, to go at `end`.
+    pending: Vec<u8>,
+    /// Whether bytes were written since the last sync.
+    unsynced: bool,
+}
+
+impl Wal {
+    /// Whether `dir` has a log file.
+    pub(crate) fn exists(dir: &Path) -> bool {
+        dir.join(FILE).exists()
+    }
+
+    /// Opens the log file in `dir`, which must exist, and reads it back.
+    pub(crate) fn open(dir: &Path) -> io::Result<(Self, Contents)> {
+        let path = dir.join(FILE);
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let bytes = std::fs::read(&path)?;
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a Flotilla Raft log (version 1): its first bytes are not {:?}",
+                    path.display(),
+                    String::from_utf8_lossy(MAGIC)
+                ),
+            ));
+        }
+        let mut wal = Self {
+            dir: dir.to_owned(),
+            file,
+            end: MAGIC.len() as u64,
+            allocated: bytes.len() as u64,
+            entries: BTreeMap::new(),
+            vote: None,
+            committed: None,
+            purged: None,
+            pending: Vec::new(),
+            unsynced: false,
+        };
+        let mut contents = Contents::default();
+        let mut at = MAGIC.len();
+        while let Some((kind, payload, len)) = record_at(&bytes, at) {
+            wal.replay(kind, payload, at as u64, len, &mut contents)?;
+            at += len;
+        }
+        wal.end = at as u64;
+        // Zero whatever a torn write left behind the last good record.
+        if let Some(last) = bytes[at..].iter().rposition(|&b| b != 0) {
+            wal.file.write_all_at(&vec![0; last + 1], at as u64)?;
+            wal.file.sync_data()?;
+        }
+        Ok((wal, contents))
+    }
+
+    /// Creates the log file in `dir` holding `contents`, durably (used once, to move a log
+    /// out of an older layout). Replaces any log file there.
+    pub(crate) fn create(dir: &Path, contents: &Contents) -> io::Result<Self> {
+        let mut records = Vec::new();
+        if let Some(v) = &contents.vote {
+            push(&mut records, VOTE, &[v]);
+        }
+        if let Some(c) = &contents.committed {
+            push(&mut records, COMMITTED, &[c]);
+        }
+        if let Some((upto, id)) = &contents.purged {
+            push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
+        }
+        for (index, entry) in &contents.entries {
+            push(&mut records, ENTRY, &[&index.to_le_bytes(), entry]);
+        }
+        let file = write_new(dir, &records)?;
+        let (wal, _) = Self::open(dir)?;
+        drop(file);
+        Ok(wal)
+    }
+
+    fn replay(
+        &mut self,
+        kind: u8,
+        payload: &[u8],
+        offset: u64,
+        len: usize,
+        contents: &mut Contents,
+    ) -> io::Result<()> {
+        let index = || -> io::Result<u64> {
+            let raw = payload.get(..8).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "a log record is too short")
+            })?;
+            Ok(u64::from_le_bytes(raw.try_into().expect("8 bytes")))
+        };
+        match kind {
+            ENTRY => {
+                let i = index()?;
+                self.entries.insert(i, (offset, len));
+                contents.entries.insert(i, payload[8..].to_vec());
+            }
+            VOTE => {
+                self.vote = Some(payload.to_vec());
+                contents.vote = self.vote.clone();
+            }
+            COMMITTED => {
+                self.committed = Some(payload.to_vec());
+                contents.committed = self.committed.clone();
+            }
+            TRUNCATE => {
+                let from = index()?;
+                self.entries.split_off(&from);
+                contents.entries.split_off(&from);
+            }
+            PURGED => {
+                let upto = index()?;
+                self.entries = self.entries.split_off(&(upto + 1));
+                contents.entries = contents.entries.split_off(&(upto + 1));
+                self.purged = Some((upto, payload[8..].to_vec()));
+                contents.purged = self.purged.clone();
+            }
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the Raft log has a record of unknown kind {other} at byte {offset}: \
+                         it was written by a newer Flotilla"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_offset(&self) -> u64 {
+        self.end + self.pending.len() as u64
+    }
+
+    /// Queues an entry; durable after the next [`Wal::sync`].
+    pub(crate) fn push_entry(&mut self, index: u64, entry: &[u8]) {
+        let offset = self.next_offset();
+        let len = push(&mut self.pending, ENTRY, &[&index.to_le_bytes(), entry]);
+        self.entries.insert(index, (offset, len));
+    }
+
+    /// Queues the vote.
+    pub(crate) fn push_vote(&mut self, vote: &[u8]) {
+        push(&mut self.pending, VOTE, &[vote]);
+        self.vote = Some(vote.to_vec());
+    }
+
+    /// Queues the committed index.
+    pub(crate) fn push_committed(&mut self, committed: &[u8]) {
+        push(&mut self.pending, COMMITTED, &[committed]);
+        self.committed = Some(committed.to_vec());
+    }
+
+    /// Queues the removal of the entries from `from` on.
+    pub(crate) fn push_truncate(&mut self, from: u64) {
+        push(&mut self.pending, TRUNCATE, &[&from.to_le_bytes()]);
+        self.entries.split_off(&from);
+    }
+
+    /// Removes the entries up to `upto` (`id` is its encoded log id) by rewriting the file
+    /// with what is still live; durable when it returns.
+    pub(crate) fn purge(&mut self, upto: u64, id: &[u8]) -> io::Result<()> {
+        self.write_pending()?;
+        let mut records = Vec::new();
+        if let Some(v) = &self.vote {
+            push(&mut records, VOTE, &[v]);
+        }
+        if let Some(c) = &self.committed {
+            push(&mut records, COMMITTED, &[c]);
+        }
+        push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
+        let live = self.entries.split_off(&(upto + 1));
+        let mut entries = BTreeMap::new();
+        for (index, (offset, len)) in live {
+            let start = records.len();
+            records.resize(start + len, 0);
+            self.file.read_exact_at(&mut records[start..], offset)?;
+            entries.insert(index, ((MAGIC.len() + start) as u64, len));
+        }
+        self.file = write_new(&self.dir, &records)?;
+        self.end = (MAGIC.len() + records.len()) as u64;
+        self.allocated = self.file.metadata()?.len();
+        self.entries = entries;
+        self.purged = Some((upto, id.to_vec()));
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Writes the queued records and makes everything written durable.
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        self.write_pending()?;
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let needed = self.end + self.pending.len() as u64;
+        if needed > self.allocated {
+            let target = needed.div_ceil(ALLOCATE_STEP) * ALLOCATE_STEP;
+            allocate(&self.file, target)?;
+            // The new length is metadata: make it durable with everything else.
+            self.file.sync_all()?;
+            self.allocated = target;
+        }
+        self.file.write_all_at(&self.pending, self.end)?;
+        self.end = needed;
+        self.pending.clear();
+        self.unsynced = true;
+        Ok(())
+    }
+}
+
+/// Appends one record to `out`; returns its length.
+fn push(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) -> usize {
+    let body_len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+    HEADER + body_len
+}
+
+/// The record at `at`: its kind, payload and whole length; `None` at the end of what was
+/// completely written.
+fn record_at(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let header = bytes.get(at..at + HEADER)?;
+    let body_len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if body_len == 0 {
+        return None;
+    }
+    let body = bytes.get(at + HEADER..at + HEADER + body_len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    Some((body[0], &body[1..], HEADER + body_len))
+}
+
+/// Writes a new log file with `records` through a temporary file, durably, and returns it
+/// open for writing.
+fn write_new(dir: &Path, records: &[u8]) -> io::Result<File> {
+    let tmp = dir.join(TMP);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let len = (MAGIC.len() + records.len()) as u64;
+    allocate(&file, len.div_ceil(ALLOCATE_STEP).max(1) * ALLOCATE_STEP)?;
+    file.write_all_at(MAGIC, 0)?;
+    file.write_all_at(records, MAGIC.len() as u64)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(FILE))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Extends `file` to `len` bytes with the space really allocated (so later writes inside it
+/// need no allocation), or as a sparse extension where the file system cannot.
+fn allocate(file: &File, len: u64) -> io::Result<()> {
+    let current = file.metadata()?.len();
+    if len <= current {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(
+        file,
+        rustix::fs::FallocateFlags::empty(),
+        current,
+        len - current,
+    ) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(len),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contents(wal_dir: &Path) -> Contents {
+        Wal::open(wal_dir).unwrap().1
+    }
+
+    fn sample() -> Contents {
+        let mut c = Contents {
+            vote: Some(b"vote-1".to_vec()),
+            committed: Some(b"c-3".to_vec()),
+            ..Contents::default()
+        };
+        for i in 1..=5 {
+            c.entries.insert(i, format!("entry {i}").into_bytes());
+        }
+        c
+    }
+
+    #[test]
+    fn what_was_synced_reads_back_after_truncate_purge_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &sample()).unwrap();
+        wal.push_truncate(4);
+        wal.push_entry(4, b"entry 4'");
+        wal.push_vote(b"vote-2");
+        wal.sync().unwrap();
+        let mut expect = sample();
+        expect.entries.remove(&5);
+        expect.entries.insert(4, b"entry 4'".to_vec());
+        expect.vote = Some(b"vote-2".to_vec());
+        assert_eq!(contents(dir.path()), expect);
+
+        wal.push_entry(5, b"entry 5'");
+        wal.push_committed(b"c-4");
+        wal.purge(2, b"id-2").unwrap();
+        wal.push_entry(6, b"entry 6");
+        wal.sync().unwrap();
+        drop(wal);
+        let got = contents(dir.path());
+        assert_eq!(
+            got.entries.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4, 5, 6]
+        );
+        assert_eq!(got.entries[&4], b"entry 4'");
+        assert_eq!(got.entries[&5], b"entry 5'");
+        assert_eq!(got.committed.as_deref(), Some(&b"c-4"[..]));
+        assert_eq!(got.purged, Some((2, b"id-2".to_vec())));
+        assert_eq!(got.vote.as_deref(), Some(&b"vote-2"[..]));
+        assert!(!dir.path().join(TMP).exists());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_never_read_back_as_a_record_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        wal.push_entry(1, b"first");
+        wal.sync().unwrap();
+        let torn_at = wal.end;
+        // A long record whose write the crash cut short: header and half the body.
+        let mut record = Vec::new();
+        push(&mut record, ENTRY, &[&2u64.to_le_bytes(), &[7u8; 200]]);
+        wal.file
+            .write_all_at(&record[..100], torn_at)
+            .expect("write");
+        drop(wal);
+
+        let (mut wal, got) = Wal::open(dir.path()).unwrap();
+        assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(wal.end, torn_at);
+        // A short record where the torn one began; the torn bytes behind it must not parse.
+        wal.push_entry(2, b"x");
+        wal.sync().unwrap();
+        drop(wal);
+        let got = contents(dir.path());
+        assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(got.entries[&2], b"x");
+    }
+
+    #[test]
+    fn a_corrupted_record_ends_the_log_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        wal.push_entry(1, b"one");
+        wal.sync().unwrap();
+        let second = wal.end;
+        wal.push_entry(2, b"two");
+        wal.sync().unwrap();
+        // Flip a payload byte of the second record.
+        wal.file.write_all_at(b"T", second + 9 + 8).unwrap();
+        drop(wal);
+        let got = contents(dir.path());
+        assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_log_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), b"hello world").unwrap();
+        let err = Wal::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("raft.wal"), "{err}");
+        assert!(err.to_string().contains("not a Flotilla Raft log"), "{err}");
+    }
+
+    #[test]
+    fn appends_past_the_allocation_grow_the_file_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        assert_eq!(wal.allocated, ALLOCATE_STEP);
+        let big = vec![1u8; 1 << 20];
+        for i in 1..=70 {
+            wal.push_entry(i, &big);
+            wal.sync().unwrap();
+        }
+        assert_eq!(wal.allocated, 2 * ALLOCATE_STEP);
+        drop(wal);
+        assert_eq!(contents(dir.path()).entries.len(), 70);
+    }
+}
