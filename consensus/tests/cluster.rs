@@ -1,4 +1,4 @@
-//! Raft clusters of real replicas: gRPC over loopback, redb files in temporary directories.
+//! Raft clusters of real replicas: gRPC over loopback, Raft data (log file and redb) in temporary directories.
 //!
 //! These tests measure real elapsed time across real replicas (a new leader within 2 s), so
 //! they read the wall clock, which the project otherwise bans.

@@ -245,8 +245,8 @@ impl World {
             .collect();
         for b in done {
             if let Some(build) = self.state.builds.remove(&b) {
-                for j in build.jobs {
-                    self.state.jobs.remove(&j);
+                for j in &build.jobs {
+                    self.state.jobs.remove(j);
                 }
             }
         }

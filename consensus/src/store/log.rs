@@ -297,8 +297,11 @@ fn commit(wal: &mut Wal, batch: &[Write]) -> Result<(), std::io::Error> {
             }
             Write::Vote { value, .. } => wal.push_vote(value),
             Write::Truncate { from, .. } => wal.push_truncate(*from),
-            Write::Purge { upto, record, .. } => wal.purge(*upto, record)?,
+            Write::Purge { upto, record, .. } => wal.push_purge(*upto, record),
         }
+    }
+    if wal.wasteful() {
+        wal.compact()?;
     }
     wal.sync()
 }

@@ -21,6 +21,10 @@ use crate::types::{
 use openraft::{ErrorSubject, ErrorVerb};
 
 const SNAPSHOT: &str = "snapshot";
+/// How much the snapshot thread lowers its CPU priority: to the lowest (nice 19). With three
+/// replicas encoding at once on a busy 2-core machine, nice 10 still let snapshots push the
+/// webhook benchmark's p99 to 28 ms; at 19 it stayed at 8–21 ms.
+const SNAPSHOT_NICENESS: i32 = 19;
 
 /// The application state machine with its bytes interface, so the store is not generic.
 pub(crate) trait Erased: Send + Sync {
@@ -180,23 +184,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             (meta, inner.app.snapshot())
         };
         // Encoding and writing a large snapshot (megabytes, one fsync) is blocking work: keep
-        // it off the runtime's worker threads, which carry replication and client traffic.
+        // it off the runtime's worker threads, which carry replication and client traffic, on
+        // a thread of its own at a lower CPU priority, so that on a busy machine the snapshot
+        // takes longer rather than every client's answer.
         let store = self.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            let stored = StoredSnapshot {
-                meta,
-                data: encoder(),
-            };
-            store.persist(&stored).map(|()| stored)
-        })
-        .await
-        .map_err(|e| {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let writer = std::thread::Builder::new()
+            .name("raft-snapshot".into())
+            .spawn(move || {
+                // Linux nice values are per thread; failing to lower it only costs latency.
+                let _ = rustix::process::nice(SNAPSHOT_NICENESS);
+                let stored = StoredSnapshot {
+                    meta,
+                    data: encoder(),
+                };
+                let _ = done.send(store.persist(&stored).map(|()| stored));
+            });
+        let failed = |e: &dyn std::fmt::Display| {
             storage_error(
                 ErrorSubject::Snapshot(None),
                 ErrorVerb::Write,
-                format!("snapshot writer task failed: {e}"),
+                format!("snapshot writer thread failed: {e}"),
             )
-        })??;
+        };
+        writer.map_err(|e| failed(&e))?;
+        let stored = finished.await.map_err(|e| failed(&e))??;
         let snapshot = Snapshot {
             meta: stored.meta.clone(),
             snapshot: Box::new(stored.data.clone()),

@@ -23,9 +23,12 @@
 //! and its `fdatasync` flushes data only. Reading stops at the first record that is
 //! incomplete or fails its checksum: the tail of a write that a crash tore, which was never
 //! acknowledged. What follows it is zeroed before anything new is written, so leftovers of
-//! the torn write can never be read as records later. Purging rewrites the file: the live
-//! records are copied into `raft.wal.tmp`, which is synced and renamed over `raft.wal`, and
-//! the directory is synced.
+//! the torn write can never be read as records later. A purge is a record too; once purged
+//! records take more than [`COMPACT_AFTER`] and more than the live ones, the file is
+//! rewritten: the live records are copied into `raft.wal.tmp`, which is synced and renamed
+//! over `raft.wal`, and the directory is synced. Rewriting at every purge (after every
+//! snapshot) held appends up for 5–35 ms each time; this way it happens a few times as
+//! rarely, and never while the log is mostly live.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -37,6 +40,8 @@ use std::path::{Path, PathBuf};
 pub(crate) const MAGIC: &[u8; 8] = b"FLTWAL01";
 /// How far ahead the file is allocated.
 pub(crate) const ALLOCATE_STEP: u64 = 64 << 20;
+/// Purged records may take this much of the file before it is rewritten without them.
+pub(crate) const COMPACT_AFTER: u64 = 64 << 20;
 const FILE: &str = "raft.wal";
 const TMP: &str = "raft.wal.tmp";
 const HEADER: usize = 8;
@@ -230,9 +235,24 @@ impl Wal {
         self.entries.split_off(&from);
     }
 
-    /// Removes the entries up to `upto` (`id` is its encoded log id) by rewriting the file
-    /// with what is still live; durable when it returns.
-    pub(crate) fn purge(&mut self, upto: u64, id: &[u8]) -> io::Result<()> {
+    /// Queues the removal of the entries up to `upto` (`id` is its encoded log id).
+    pub(crate) fn push_purge(&mut self, upto: u64, id: &[u8]) {
+        push(&mut self.pending, PURGED, &[&upto.to_le_bytes(), id]);
+        self.entries = self.entries.split_off(&(upto + 1));
+        self.purged = Some((upto, id.to_vec()));
+    }
+
+    /// Whether purged records take up enough of the file that it should be rewritten: more
+    /// than [`COMPACT_AFTER`] and more than the live entries.
+    pub(crate) fn wasteful(&self) -> bool {
+        let live: u64 = self.entries.values().map(|(_, len)| *len as u64).sum();
+        let dead = self.next_offset() - MAGIC.len() as u64 - live;
+        dead > COMPACT_AFTER && dead > live
+    }
+
+    /// Rewrites the file with only what is live (the queued records included); durable when
+    /// it returns.
+    pub(crate) fn compact(&mut self) -> io::Result<()> {
         self.write_pending()?;
         let mut records = Vec::new();
         if let Some(v) = &self.vote {
@@ -241,20 +261,20 @@ impl Wal {
         if let Some(c) = &self.committed {
             push(&mut records, COMMITTED, &[c]);
         }
-        push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
-        let live = self.entries.split_off(&(upto + 1));
+        if let Some((upto, id)) = &self.purged {
+            push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
+        }
         let mut entries = BTreeMap::new();
-        for (index, (offset, len)) in live {
+        for (index, (offset, len)) in &self.entries {
             let start = records.len();
             records.resize(start + len, 0);
-            self.file.read_exact_at(&mut records[start..], offset)?;
-            entries.insert(index, ((MAGIC.len() + start) as u64, len));
+            self.file.read_exact_at(&mut records[start..], *offset)?;
+            entries.insert(*index, ((MAGIC.len() + start) as u64, *len));
         }
         self.file = write_new(&self.dir, &records)?;
         self.end = (MAGIC.len() + records.len()) as u64;
         self.allocated = self.file.metadata()?.len();
         self.entries = entries;
-        self.purged = Some((upto, id.to_vec()));
         self.unsynced = false;
         Ok(())
     }
@@ -395,11 +415,22 @@ mod tests {
 
         wal.push_entry(5, b"entry 5'");
         wal.push_committed(b"c-4");
-        wal.purge(2, b"id-2").unwrap();
+        wal.push_purge(2, b"id-2");
         wal.push_entry(6, b"entry 6");
         wal.sync().unwrap();
-        drop(wal);
+        assert!(!wal.wasteful());
         let got = contents(dir.path());
+        assert_eq!(
+            got.entries.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4, 5, 6]
+        );
+        // Rewriting keeps exactly what is live.
+        wal.compact().unwrap();
+        wal.push_entry(7, b"entry 7");
+        wal.sync().unwrap();
+        drop(wal);
+        let mut got = contents(dir.path());
+        assert_eq!(got.entries.remove(&7).as_deref(), Some(&b"entry 7"[..]));
         assert_eq!(
             got.entries.keys().copied().collect::<Vec<_>>(),
             vec![3, 4, 5, 6]
@@ -477,5 +508,27 @@ mod tests {
         assert_eq!(wal.allocated, 2 * ALLOCATE_STEP);
         drop(wal);
         assert_eq!(contents(dir.path()).entries.len(), 70);
+    }
+
+    #[test]
+    fn a_file_mostly_purged_is_found_wasteful_and_rewritten_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        let big = vec![1u8; 1 << 20];
+        for i in 1..=70 {
+            wal.push_entry(i, &big);
+        }
+        wal.sync().unwrap();
+        wal.push_purge(30, b"id-30");
+        assert!(!wal.wasteful(), "30 MiB purged, 40 MiB live");
+        wal.push_purge(69, b"id-69");
+        assert!(wal.wasteful(), "69 MiB purged, 1 MiB live");
+        wal.compact().unwrap();
+        assert_eq!(wal.allocated, ALLOCATE_STEP);
+        assert!(!wal.wasteful());
+        drop(wal);
+        let got = contents(dir.path());
+        assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![70]);
+        assert_eq!(got.purged, Some((69, b"id-69".to_vec())));
     }
 }

@@ -1,6 +1,7 @@
 //! [`State::apply`]: every change to the replicated state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::{
     Applied, Build, BuildStatus, CancelReason, Cell, CellChange, CellSpec, CellState, Command,
@@ -70,7 +71,7 @@ impl State {
                 }
                 for (b, n) in builds {
                     self.refresh_build(b, now_ms, &mut events);
-                    if let Some(build) = self.builds.get_mut(&b) {
+                    if let Some(build) = self.builds.get_mut(&b).map(Arc::make_mut) {
                         build.version += n - 1;
                     }
                 }
@@ -199,8 +200,8 @@ impl State {
             .collect();
         for b in builds {
             if let Some(build) = self.builds.remove(&b) {
-                for j in build.jobs {
-                    self.jobs.remove(&j);
+                for j in &build.jobs {
+                    self.jobs.remove(j);
                 }
             }
         }
@@ -298,7 +299,7 @@ impl State {
             finished_at_ms: None,
             version: 1,
         };
-        self.builds.insert(id, build);
+        self.builds.insert(id, Arc::new(build));
         events.push(Event::BuildCreated(id));
         Ok(Response::Ingested {
             build: id,
@@ -406,7 +407,11 @@ impl State {
                 },
             );
         }
-        let build = self.builds.get_mut(&id).expect("checked above");
+        let build = self
+            .builds
+            .get_mut(&id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         if sha.is_some() {
             build.sha = sha;
         }
@@ -431,7 +436,11 @@ impl State {
         now_ms: u64,
         events: &mut Vec<Event>,
     ) {
-        let build = self.builds.get_mut(&id).expect("caller checked");
+        let build = self
+            .builds
+            .get_mut(&id)
+            .map(Arc::make_mut)
+            .expect("caller checked");
         if sha.is_some() {
             build.sha = sha;
         }
@@ -533,7 +542,7 @@ impl State {
         j.version += 1;
         let build = j.build;
         events.push(Event::JobChanged(job));
-        if let Some(b) = self.builds.get_mut(&build)
+        if let Some(b) = self.builds.get_mut(&build).map(Arc::make_mut)
             && b.started_at_ms.is_none()
         {
             b.started_at_ms = Some(now_ms);
@@ -623,6 +632,7 @@ impl State {
         let build = self
             .builds
             .get_mut(&id)
+            .map(Arc::make_mut)
             .ok_or_else(|| Rejection::NotFound(format!("build {id}")))?;
         if build.status.is_terminal() {
             return Err(Rejection::Conflict(format!(
@@ -694,7 +704,11 @@ impl State {
                 events.push(Event::JobChanged(j));
             }
         }
-        let build = self.builds.get_mut(&id).expect("checked above");
+        let build = self
+            .builds
+            .get_mut(&id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         build.finished_at_ms = None;
         build.error = None;
         build.status = BuildStatus::Queued;
@@ -734,7 +748,11 @@ impl State {
         } else {
             BuildStatus::Succeeded
         };
-        let build = self.builds.get_mut(&id).expect("checked above");
+        let build = self
+            .builds
+            .get_mut(&id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         let ended = status.is_terminal() && !build.status.is_terminal();
         build.status = status;
         build.version += 1;
@@ -750,7 +768,11 @@ impl State {
                 .find(|b| b.held && b.concurrency_group.as_ref() == Some(&group))
                 .map(|b| b.id);
             if let Some(next) = next {
-                let b = self.builds.get_mut(&next).expect("found above");
+                let b = self
+                    .builds
+                    .get_mut(&next)
+                    .map(Arc::make_mut)
+                    .expect("found above");
                 b.held = false;
                 b.version += 1;
                 events.push(Event::BuildChanged(next));

@@ -65,7 +65,7 @@ pub struct State {
     /// The same deliveries ordered by when they arrived, for pruning.
     pub delivery_times: BTreeSet<(u64, DeliveryKey)>,
     /// Builds not yet pruned.
-    pub builds: BTreeMap<BuildId, Build>,
+    pub builds: BTreeMap<BuildId, Arc<Build>>,
     /// The jobs of those builds (a map that also notes which jobs changed, for the
     /// scheduler).
     pub jobs: Jobs,
@@ -754,13 +754,14 @@ pub struct Applied {
 impl State {
     /// The project a build belongs to, when both exist.
     pub fn build_of(&self, id: BuildId) -> Option<&Build> {
-        self.builds.get(&id)
+        self.builds.get(&id).map(|b| &**b)
     }
 
     /// The builds of a project that have not finished, oldest first.
     pub fn active_builds(&self, project: &ProjectId) -> impl Iterator<Item = &Build> {
         self.builds
             .values()
+            .map(|b| &**b)
             .filter(move |b| &b.project == project && !b.status.is_terminal())
     }
 
@@ -769,18 +770,23 @@ impl State {
     pub fn pending_builds(&self) -> impl Iterator<Item = &Build> {
         self.builds
             .values()
+            .map(|b| &**b)
             .filter(|b| b.status == BuildStatus::Pending)
     }
 
     /// Jobs waiting for a cell, oldest first.
     pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values().filter(|j| j.phase() == JobPhase::Queued)
+        self.jobs
+            .values()
+            .map(|j| &**j)
+            .filter(|j| j.phase() == JobPhase::Queued)
     }
 
     /// Jobs leased to or running on `cell`.
     pub fn jobs_on<'a>(&'a self, cell: &'a CellId) -> impl Iterator<Item = &'a Job> + 'a {
         self.jobs
             .values()
+            .map(|j| &**j)
             .filter(move |j| j.run.cell() == Some(cell))
     }
 

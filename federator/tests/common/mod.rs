@@ -1,5 +1,5 @@
 //! Shared harness: federator replicas in-process on loopback (real Raft over gRPC, real HTTP,
-//! real redb files), real git repositories made with the git CLI, and signed webhooks.
+//! real Raft data files), real git repositories made with the git CLI, and signed webhooks.
 
 #![allow(dead_code, unreachable_pub)]
 
