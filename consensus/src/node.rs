@@ -200,6 +200,13 @@ impl<S: StateMachine> Node<S> {
             store::open(&config.data_dir, app).map_err(|e| NodeError::Storage(e.to_string()))?;
         let log_stats = stores.log.stats();
         let early_hook = stores.log.early_hook();
+        if config.early_replication {
+            stores
+                .log
+                .step_down_if_leader(config.node_id)
+                .await
+                .map_err(|e| NodeError::Storage(e.to_string()))?;
+        }
         let network =
             Network::new(config.node_id, config.faults.clone()).with_tls(config.tls.clone());
         let raft = Raft::new(

@@ -295,6 +295,45 @@ async fn a_restarted_member_catches_up_from_its_data_directory() {
     c.stop_all().await;
 }
 
+/// With early replication, followers may hold entries a crashed leader never synced; a
+/// leader restarted from its data must not lead the same term again (openraft 0.9 would
+/// restore it as leader of that term and could reuse those log ids for other entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_campaigns_in_a_new_term_and_keeps_every_write() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.leader(Duration::from_secs(5)).await;
+    for i in 0..30 {
+        c.nodes[&leader]
+            .propose(put(format!("a{i}"), "1"))
+            .await
+            .unwrap();
+    }
+    let term = c.nodes[&leader].metrics().current_term;
+    // Every replica down at once (the others' votes stay with the old leader), then back.
+    let ids: Vec<NodeId> = c.nodes.keys().copied().collect();
+    for id in &ids {
+        c.nodes[id].crash().await;
+    }
+    c.nodes.clear();
+    for id in &ids {
+        c.restart(*id).await;
+    }
+    let new_leader = c.leader(Duration::from_secs(10)).await;
+    let new_term = c.nodes[&new_leader].metrics().current_term;
+    assert!(
+        new_term > term,
+        "the cluster came back in term {new_term}, the term it was led in before ({term})"
+    );
+    c.nodes[&new_leader]
+        .propose(put("after", "2"))
+        .await
+        .unwrap();
+    let states = c.converged(Duration::from_secs(10)).await;
+    assert!(states.iter().all(|s| s == &states[0]));
+    assert_eq!(states[0].map.len(), 31);
+    c.stop_all().await;
+}
+
 /// Regression for openraft#1246: a lone member restarted must re-apply every committed entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_single_member_cluster_reapplies_every_committed_entry() {

@@ -112,17 +112,23 @@ impl LogStore {
             Wal::open(dir).map_err(read_error)?
         } else {
             let contents = legacy_contents(&db).map_err(read_error)?;
-            let wal = Wal::create(dir, &contents).map_err(read_error)?;
-            clear_legacy(&db).map_err(read_error)?;
-            (wal, contents)
+            (Wal::create(dir, &contents).map_err(read_error)?, contents)
         };
+        // Also after a crash between moving the log and clearing the old copy.
+        clear_legacy(&db).map_err(read_error)?;
         let cache = cache_of(contents).map_err(read_error)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());
         let writer_stats = stats.clone();
+        // The thread holds the database until it ends, so [`super::Stores::closed`] (which
+        // fires when the database closes) also means no write of this log is still under way:
+        // a replica restarted in the same process never opens the file under a live writer.
         thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer(wal, &rx, &writer_stats))
+            .spawn(move || {
+                writer(wal, &rx, &writer_stats);
+                drop(db);
+            })
             .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
         Ok(Self {
             cache: Arc::new(Mutex::new(cache)),
@@ -130,6 +136,32 @@ impl LogStore {
             stats,
             early: EarlyHook::default(),
         })
+    }
+
+    /// Turns this replica's saved vote, if it is its own committed vote as the leader, into an
+    /// uncommitted one, durably; call before openraft starts on the log.
+    ///
+    /// openraft 0.9 restores such a replica as the leader of the *same* term (its engine's
+    /// `startup`). With early replication that is unsafe: followers may hold entries the
+    /// leader sent before its own sync and then lost in a crash, and a leader re-leading the
+    /// same term would append different entries under the very same log ids, which the
+    /// followers would take for the ones they have. Stepping down makes the replica campaign
+    /// in a new term, whose log ids nobody holds.
+    pub(crate) async fn step_down_if_leader(&self, me: NodeId) -> Result<(), StorageError> {
+        let vote = self.cache().vote;
+        if let Some(vote) = vote
+            && vote.is_committed()
+            && vote.leader_id().node_id == me
+        {
+            let mut log = self.clone();
+            log.save_vote(&Vote::new(vote.leader_id().term, me)).await?;
+            tracing::info!(
+                node = me,
+                term = vote.leader_id().term,
+                "Restarting as a follower rather than the leader it was; it campaigns in a new term."
+            );
+        }
+        Ok(())
     }
 
     /// Where the leader's own appends are offered for early replication ([`crate::early`]).
@@ -225,8 +257,19 @@ fn legacy_contents(db: &Database) -> Result<Contents, std::io::Error> {
     Ok(contents)
 }
 
-/// Removes the redb copy of the log once the log file holds it.
+/// Removes the redb copy of the log once the log file holds it (a no-op when there is none).
 fn clear_legacy(db: &Database) -> Result<(), std::io::Error> {
+    let present = {
+        let tx = db.begin_read().map_err(std::io::Error::other)?;
+        match tx.open_table(LOG) {
+            Ok(_) => true,
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(std::io::Error::other(e)),
+        }
+    };
+    if !present {
+        return Ok(());
+    }
     let run = || -> Result<(), Box<dyn std::error::Error>> {
         let mut tx = db.begin_write()?;
         tx.set_durability(Durability::Immediate);
@@ -473,6 +516,27 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
             payload: EntryPayload::Normal(Request(bytes::Bytes::from(format!("command {index}")))),
         }
+    }
+
+    #[tokio::test]
+    async fn a_leader_restarting_steps_down_to_an_uncommitted_vote_and_others_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _closed) = open_db(dir.path()).unwrap();
+        let mut log = LogStore::open(dir.path(), db.clone()).unwrap();
+        log.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        // Replica 2 voted for leader 1: nothing to step down from.
+        log.step_down_if_leader(2).await.unwrap();
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(3, 1))
+        );
+        // Replica 1 was the leader: it steps down, durably.
+        log.step_down_if_leader(1).await.unwrap();
+        drop(log);
+        let mut log = LogStore::open(dir.path(), db).unwrap();
+        let vote = log.read_vote().await.unwrap().unwrap();
+        assert_eq!(vote, Vote::new(3, 1));
+        assert!(!vote.is_committed());
     }
 
     /// A replica upgraded from a version that kept its log in redb keeps every entry, its

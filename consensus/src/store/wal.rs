@@ -20,9 +20,11 @@
 //! | 5 purged | index `u64 LE`, then the postcard-encoded `Option<LogId>`: entries up to it are gone |
 //!
 //! The file is allocated ahead in [`ALLOCATE_STEP`] steps, so an append changes no file size
-//! and its `fdatasync` flushes data only. Reading stops at the first record that is
-//! incomplete or fails its checksum: the tail of a write that a crash tore, which was never
-//! acknowledged. What follows it is zeroed before anything new is written, so leftovers of
+//! (the first write into an allocated extent still marks it written, which the sync
+//! carries). Reading stops at the first record that is incomplete or fails its checksum: the
+//! tail of a write that a crash tore, which was never acknowledged. A record corrupted in the
+//! middle by a disk fault looks the same and also ends the log there; the replica then
+//! catches up from its peers. What follows it is zeroed before anything new is written, so leftovers of
 //! the torn write can never be read as records later. A purge is a record too; once purged
 //! records take more than [`COMPACT_AFTER`] and more than the live ones, the file is
 //! rewritten: the live records are copied into `raft.wal.tmp`, which is synced and renamed
