@@ -1,8 +1,10 @@
 //! Durable storage for Raft, in the replica's data directory: the log, the vote and the
 //! committed index in an append-only log file (`raft.wal`, see [`wal`]), the latest snapshot
-//! in a redb file (`raft.redb`).
+//! in `snapshot.bin` (see [`snapshot_file`]). The redb file `raft.redb` is where versions
+//! before kept both; they are moved out of it on the first start.
 
 mod log;
+mod snapshot_file;
 mod state_machine;
 mod wal;
 
@@ -87,7 +89,7 @@ pub fn open<S: StateMachine>(dir: &Path, app: S) -> Result<Stores<S>, StorageErr
     let (db, closed) = open_db(dir)?;
     let app = Arc::new(Mutex::new(app));
     let state_machine =
-        StateMachineStore::open(db.clone(), Box::new(state_machine::Typed(app.clone())))?;
+        StateMachineStore::open(dir, db.clone(), Box::new(state_machine::Typed(app.clone())))?;
     Ok(Stores {
         log: LogStore::open(dir, db)?,
         state_machine,

@@ -1,16 +1,19 @@
-//! The replicated state machine's home: the application state in memory, its snapshots in redb.
+//! The replicated state machine's home: the application state in memory, its latest snapshot
+//! in a file of its own ([`super::snapshot_file`]; versions before kept it in redb, and it is
+//! moved out on the first start).
 //!
 //! Applying does not write to disk. On restart the state is restored from the last snapshot
 //! and openraft re-applies the log from there up to the persisted committed index, so nothing
 //! acknowledged is lost and applying stays fast.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability};
 
-use super::Db;
+use super::{Db, snapshot_file};
 use serde::{Deserialize, Serialize};
 
 use super::log::META;
@@ -87,7 +90,11 @@ struct Inner {
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<Mutex<Inner>>,
-    db: Arc<Db>,
+    /// The data directory, where the snapshot file lives.
+    dir: Arc<Path>,
+    /// Held until the store is gone, so the database closes (and
+    /// [`super::Stores::closed`] fires) only after the last snapshot write.
+    _db: Arc<Db>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -97,10 +104,26 @@ impl std::fmt::Debug for StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Opens the store, restoring the application from the last snapshot in `db`, if any.
-    pub(crate) fn open(db: Arc<Db>, mut app: Box<dyn Erased>) -> Result<Self, StorageError> {
-        let current = load_snapshot(&db)
-            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, &e))?;
+    /// Opens the store in `dir`, restoring the application from the last snapshot, if any
+    /// (moving one that an older version kept in the database `db` into its file first).
+    pub(crate) fn open(
+        dir: &Path,
+        db: Arc<Db>,
+        mut app: Box<dyn Erased>,
+    ) -> Result<Self, StorageError> {
+        let read_error = |e: &dyn std::fmt::Display| {
+            storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e.to_string())
+        };
+        if !snapshot_file::exists(dir)
+            && let Some(legacy) = legacy_snapshot(&db).map_err(|e| read_error(&e))?
+        {
+            snapshot_file::write(dir, &legacy).map_err(|e| read_error(&e))?;
+        }
+        clear_legacy_snapshot(&db).map_err(|e| read_error(&e))?;
+        let current = match snapshot_file::read(dir).map_err(|e| read_error(&e))? {
+            Some(bytes) => Some(decode::<StoredSnapshot>(&bytes).map_err(|e| read_error(&e))?),
+            None => None,
+        };
         let (last_applied, last_membership) = match &current {
             Some(s) => {
                 app.restore(&s.data)
@@ -117,7 +140,8 @@ impl StateMachineStore {
                 current,
                 snapshots_built: 0,
             })),
-            db,
+            dir: dir.into(),
+            _db: db,
         })
     }
 
@@ -140,28 +164,37 @@ impl StateMachineStore {
             )
         };
         let bytes = encode(snapshot).map_err(|e| err(&e))?;
-        let mut tx = self.db.begin_write().map_err(|e| err(&e))?;
-        tx.set_durability(Durability::Immediate);
-        {
-            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
-            meta.insert(SNAPSHOT, bytes.as_slice())
-                .map_err(|e| err(&e))?;
-        }
-        tx.commit().map_err(|e| err(&e))
+        snapshot_file::write(&self.dir, &bytes).map_err(|e| err(&e))
     }
 }
 
-fn load_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, std::io::Error> {
+/// The encoded snapshot an older version kept in redb, if any.
+fn legacy_snapshot(db: &Database) -> Result<Option<Vec<u8>>, std::io::Error> {
     let tx = db.begin_read().map_err(std::io::Error::other)?;
     let meta = match tx.open_table(META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(std::io::Error::other(e)),
     };
-    match meta.get(SNAPSHOT).map_err(std::io::Error::other)? {
-        Some(v) => Ok(Some(decode(v.value())?)),
-        None => Ok(None),
+    Ok(meta
+        .get(SNAPSHOT)
+        .map_err(std::io::Error::other)?
+        .map(|v| v.value().to_vec()))
+}
+
+/// Removes the redb copy of the snapshot once the file holds it (a no-op when there is none).
+fn clear_legacy_snapshot(db: &Database) -> Result<(), std::io::Error> {
+    if legacy_snapshot(db)?.is_none() {
+        return Ok(());
     }
+    let run = || -> Result<(), Box<dyn std::error::Error>> {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::Immediate);
+        tx.open_table(META)?.remove(SNAPSHOT)?;
+        tx.commit()?;
+        Ok(())
+    };
+    run().map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -295,5 +328,59 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta.clone(),
             snapshot: Box::new(s.data.clone()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+    use crate::kv::KvStore;
+    use crate::store::open_db;
+
+    /// A replica upgraded from a version that kept its snapshot in redb restores from it, and
+    /// the snapshot is in its file afterwards, gone from redb.
+    #[test]
+    fn a_snapshot_kept_in_redb_by_an_earlier_version_moves_into_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kv = KvStore::default();
+        kv.map.insert("k".into(), b"v".to_vec());
+        kv.applied = 5;
+        let stored = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 5)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "1-5-1".into(),
+            },
+            data: kv.snapshot()(),
+        };
+        let (db, _closed) = open_db(dir.path()).unwrap();
+        {
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(SNAPSHOT, encode(&stored).unwrap().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+
+        let app = Arc::new(Mutex::new(KvStore::default()));
+        let store =
+            StateMachineStore::open(dir.path(), db.clone(), Box::new(Typed(app.clone()))).unwrap();
+        assert_eq!(store.last_applied_index(), Some(5));
+        assert_eq!(
+            app.lock().unwrap().map.get("k").map(Vec::as_slice),
+            Some(&b"v"[..])
+        );
+        assert!(snapshot_file::exists(dir.path()));
+        assert_eq!(legacy_snapshot(&db).unwrap(), None);
+        drop(store);
+
+        // A restart reads it from the file.
+        let app = Arc::new(Mutex::new(KvStore::default()));
+        let store = StateMachineStore::open(dir.path(), db, Box::new(Typed(app.clone()))).unwrap();
+        assert_eq!(store.last_applied_index(), Some(5));
+        assert_eq!(app.lock().unwrap().applied, 5);
     }
 }

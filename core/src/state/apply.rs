@@ -268,10 +268,10 @@ impl State {
         self.next_ids.build += 1;
         let id = BuildId(self.next_ids.build);
         if let Some(key) = &delivery {
-            let k = DeliveryKey {
+            let k = Arc::new(DeliveryKey {
                 project: project.clone(),
                 key: key.clone(),
-            };
+            });
             self.delivery_times.insert((now_ms, k.clone()));
             self.deliveries.insert(
                 k,

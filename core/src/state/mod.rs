@@ -60,10 +60,11 @@ pub struct State {
     pub projects: BTreeMap<ProjectId, Project>,
     /// API tokens by id (only their hashes).
     pub tokens: BTreeMap<u64, ApiToken>,
-    /// Remembered webhook deliveries.
-    pub deliveries: BTreeMap<DeliveryKey, Delivery>,
+    /// Remembered webhook deliveries. Keys are shared with `delivery_times` (and with the
+    /// copy a snapshot takes), so each is allocated once.
+    pub deliveries: BTreeMap<Arc<DeliveryKey>, Delivery>,
     /// The same deliveries ordered by when they arrived, for pruning.
-    pub delivery_times: BTreeSet<(u64, DeliveryKey)>,
+    pub delivery_times: BTreeSet<(u64, Arc<DeliveryKey>)>,
     /// Builds not yet pruned.
     pub builds: BTreeMap<BuildId, Arc<Build>>,
     /// The jobs of those builds (a map that also notes which jobs changed, for the
