@@ -245,7 +245,8 @@ impl Wal {
     }
 
     /// Whether purged records take up enough of the file that it should be rewritten: more
-    /// than [`COMPACT_AFTER`] and more than the live entries.
+    /// than [`COMPACT_AFTER`] and more than the live entries. Walks every live entry: ask
+    /// after a purge, not after every append.
     pub(crate) fn wasteful(&self) -> bool {
         let live: u64 = self.entries.values().map(|(_, len)| *len as u64).sum();
         let dead = self.next_offset() - MAGIC.len() as u64 - live;
