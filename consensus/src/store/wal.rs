@@ -18,13 +18,21 @@
 //! | 3 committed | the postcard-encoded `Option<LogId>` |
 //! | 4 truncate | index `u64 LE`: entries from it on are gone |
 //! | 5 purged | index `u64 LE`, then the postcard-encoded `Option<LogId>`: entries up to it are gone |
+//! | 6 batch | the length `u64 LE` of the records that follow and belong to this batch |
 //!
+//! Each write of queued records starts with a batch record, and one sync follows each
+//! write: so at most the last batch can be unsynced at a crash. Its records are applied only
+//! if the whole batch reads back. A batch that does not is dropped whole (it was never
+//! acknowledged) if nothing follows it; if an intact batch follows it, the damage is not a
+//! torn write but corruption of synced data, and opening fails rather than dropping
+//! acknowledged entries. (A damaged batch *header* hides its length and so whether anything
+//! follows; that case ends the log there. Files rewritten whole, by a purge or a move, are
+//! synced before use and carry no batch records.)
 //! The file is allocated ahead in [`ALLOCATE_STEP`] steps, so an append changes no file size
 //! (the first write into an allocated extent still marks it written, which the sync
 //! carries). Reading stops at the first record that is incomplete or fails its checksum: the
-//! tail of a write that a crash tore, which was never acknowledged. A record corrupted in the
-//! middle by a disk fault looks the same and also ends the log there; the replica then
-//! catches up from its peers. What follows it is zeroed before anything new is written, so leftovers of
+//! tail of a write that a crash tore, which was never acknowledged (see the batch records
+//! below for how that is told apart from damage to synced data). What follows it is zeroed before anything new is written, so leftovers of
 //! the torn write can never be read as records later. A purge is a record too; once purged
 //! records take more than [`COMPACT_AFTER`] and more than the live ones, the file is
 //! rewritten: the live records are copied into `raft.wal.tmp`, which is synced and renamed
@@ -53,6 +61,9 @@ const VOTE: u8 = 2;
 const COMMITTED: u8 = 3;
 const TRUNCATE: u8 = 4;
 const PURGED: u8 = 5;
+const BATCH: u8 = 6;
+/// A batch header's whole length: record header, kind, `u64` length.
+const BATCH_HEADER: usize = HEADER + 1 + 8;
 
 /// What a log file holds, as encoded bytes (the caller decodes).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -121,11 +132,37 @@ impl Wal {
         let mut contents = Contents::default();
         let mut at = MAGIC.len();
         while let Some((kind, payload, len)) = record_at(&bytes, at) {
-            wal.replay(kind, payload, at as u64, len, &mut contents)?;
-            at += len;
+            if kind != BATCH {
+                wal.replay(kind, payload, at as u64, len, &mut contents)?;
+                at += len;
+                continue;
+            }
+            let body = u64_at(payload)? as usize;
+            let (start, end) = (at + len, at + len + body);
+            let records = match records_in(&bytes, start, end) {
+                Some(records) => records,
+                None if record_at(&bytes, end).is_some_and(|(k, _, _)| k == BATCH) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: the batch of records at byte {at} is damaged, yet an intact one \
+                             follows it at byte {end}: the disk corrupted data that had been \
+                             synced (a crash only ever tears the last batch). Refusing to drop \
+                             acknowledged entries; move the data directory aside and let the \
+                             replica rejoin from its peers, or restore it from a backup",
+                            path.display()
+                        ),
+                    ));
+                }
+                // The last batch, torn by a crash before its sync: never acknowledged.
+                None => break,
+            };
+            for (offset, kind, payload, len) in records {
+                wal.replay(kind, payload, offset as u64, len, &mut contents)?;
+            }
+            at = end;
         }
-        wal.end = at as u64;
-        // Zero whatever a torn write left behind the last good record.
+        wal.end = at as u64; // Zero whatever a torn write left behind the last good record.
         if let Some(last) = bytes[at..].iter().rposition(|&b| b != 0) {
             wal.file.write_all_at(&vec![0; last + 1], at as u64)?;
             wal.file.sync_data()?;
@@ -163,12 +200,7 @@ impl Wal {
         len: usize,
         contents: &mut Contents,
     ) -> io::Result<()> {
-        let index = || -> io::Result<u64> {
-            let raw = payload.get(..8).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "a log record is too short")
-            })?;
-            Ok(u64::from_le_bytes(raw.try_into().expect("8 bytes")))
-        };
+        let index = || u64_at(payload);
         match kind {
             ENTRY => {
                 let i = index()?;
@@ -208,12 +240,20 @@ impl Wal {
         Ok(())
     }
 
+    /// Starts the queued records with a batch record, its length filled in when written.
+    fn open_batch(&mut self) {
+        if self.pending.is_empty() {
+            push(&mut self.pending, BATCH, &[&0u64.to_le_bytes()]);
+        }
+    }
+
     fn next_offset(&self) -> u64 {
         self.end + self.pending.len() as u64
     }
 
     /// Queues an entry; durable after the next [`Wal::sync`].
     pub(crate) fn push_entry(&mut self, index: u64, entry: &[u8]) {
+        self.open_batch();
         let offset = self.next_offset();
         let len = push(&mut self.pending, ENTRY, &[&index.to_le_bytes(), entry]);
         self.entries.insert(index, (offset, len));
@@ -221,24 +261,28 @@ impl Wal {
 
     /// Queues the vote.
     pub(crate) fn push_vote(&mut self, vote: &[u8]) {
+        self.open_batch();
         push(&mut self.pending, VOTE, &[vote]);
         self.vote = Some(vote.to_vec());
     }
 
     /// Queues the committed index.
     pub(crate) fn push_committed(&mut self, committed: &[u8]) {
+        self.open_batch();
         push(&mut self.pending, COMMITTED, &[committed]);
         self.committed = Some(committed.to_vec());
     }
 
     /// Queues the removal of the entries from `from` on.
     pub(crate) fn push_truncate(&mut self, from: u64) {
+        self.open_batch();
         push(&mut self.pending, TRUNCATE, &[&from.to_le_bytes()]);
         self.entries.split_off(&from);
     }
 
     /// Queues the removal of the entries up to `upto` (`id` is its encoded log id).
     pub(crate) fn push_purge(&mut self, upto: u64, id: &[u8]) {
+        self.open_batch();
         push(&mut self.pending, PURGED, &[&upto.to_le_bytes(), id]);
         self.entries = self.entries.split_off(&(upto + 1));
         self.purged = Some((upto, id.to_vec()));
@@ -296,6 +340,11 @@ impl Wal {
         if self.pending.is_empty() {
             return Ok(());
         }
+        // Seal the batch record at the front with the length of what follows.
+        let body = (self.pending.len() - BATCH_HEADER) as u64;
+        self.pending[HEADER + 1..BATCH_HEADER].copy_from_slice(&body.to_le_bytes());
+        let crc = crc32fast::hash(&self.pending[HEADER..BATCH_HEADER]);
+        self.pending[4..HEADER].copy_from_slice(&crc.to_le_bytes());
         let needed = self.end + self.pending.len() as u64;
         if needed > self.allocated {
             let target = needed.div_ceil(ALLOCATE_STEP) * ALLOCATE_STEP;
@@ -341,6 +390,32 @@ fn record_at(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
         return None;
     }
     Some((body[0], &body[1..], HEADER + body_len))
+}
+
+/// The `u64 LE` a payload starts with.
+fn u64_at(payload: &[u8]) -> io::Result<u64> {
+    let raw = payload
+        .get(..8)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a log record is too short"))?;
+    Ok(u64::from_le_bytes(raw.try_into().expect("8 bytes")))
+}
+
+/// A record read back: its offset, kind, payload and whole length.
+type Record<'a> = (usize, u8, &'a [u8], usize);
+
+/// The records exactly filling `start..end`; `None` if any is damaged or missing.
+fn records_in(bytes: &[u8], start: usize, end: usize) -> Option<Vec<Record<'_>>> {
+    let mut records = Vec::new();
+    let mut at = start;
+    while at < end {
+        let (kind, payload, len) = record_at(bytes, at)?;
+        if kind == BATCH {
+            return None;
+        }
+        records.push((at, kind, payload, len));
+        at += len;
+    }
+    (at == end).then_some(records)
 }
 
 /// Writes a new log file with `records` through a temporary file, durably, and returns it
@@ -471,6 +546,48 @@ mod tests {
         let got = contents(dir.path());
         assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(got.entries[&2], b"x");
+    }
+
+    #[test]
+    fn a_batch_torn_by_a_crash_is_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        wal.push_entry(1, b"one");
+        wal.sync().unwrap();
+        // One batch of two entries, written but cut short before its sync.
+        let torn_at = wal.end;
+        wal.push_entry(2, &[2; 300]);
+        wal.push_entry(3, &[3; 300]);
+        wal.write_pending().unwrap();
+        wal.file.write_all_at(&[0; 200], torn_at + 400).unwrap();
+        drop(wal);
+        let (wal, got) = Wal::open(dir.path()).unwrap();
+        assert_eq!(got.entries.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            wal.end, torn_at,
+            "entry 2 was intact, but its batch was not"
+        );
+    }
+
+    #[test]
+    fn damage_to_a_synced_batch_with_more_after_it_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), &Contents::default()).unwrap();
+        let mut starts = Vec::new();
+        for i in 1..=3 {
+            starts.push(wal.end);
+            wal.push_entry(i, format!("entry {i}").as_bytes());
+            wal.sync().unwrap();
+        }
+        // Flip a byte of entry 2, whose batch was synced and followed by entry 3's.
+        wal.file
+            .write_all_at(b"X", starts[1] + BATCH_HEADER as u64 + 20)
+            .unwrap();
+        drop(wal);
+        let err = Wal::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("raft.wal"), "{err}");
+        assert!(err.contains("corrupted data that had been synced"), "{err}");
+        assert!(err.contains("rejoin from its peers"), "{err}");
     }
 
     #[test]
