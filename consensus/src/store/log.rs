@@ -289,13 +289,26 @@ fn clear_legacy(db: &Database) -> Result<(), std::io::Error> {
 /// The writer loop: take one write, then everything else already queued, make them durable
 /// with one `fdatasync`, then acknowledge each.
 fn writer(mut wal: Wal, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
+    // After a failed write or sync the file's state is unknown (a later sync could make it
+    // look as if the lost pages were never written): every write after it fails too, and
+    // openraft, which stops on the first storage error, restarts from what is on disk.
+    let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         // Measuring real disk time is the point here; no simulated clock could stand in.
         #[allow(clippy::disallowed_methods)]
         let started = std::time::Instant::now();
-        let result = commit(&mut wal, &batch).map_err(|e| e.to_string());
+        let result = match &failed {
+            Some(e) => Err(format!(
+                "the log stopped writing after an earlier failure: {e}"
+            )),
+            None => commit(&mut wal, &batch).map_err(|e| e.to_string()),
+        };
+        if let (None, Err(e)) = (&failed, &result) {
+            tracing::error!(error = %e, "Writing the Raft log failed; no further writes are accepted.");
+            failed = Some(e.clone());
+        }
         let took = started.elapsed().as_micros() as u64;
         let entries: u64 = batch
             .iter()

@@ -59,8 +59,10 @@ pub(crate) fn read(dir: &Path) -> io::Result<Option<Vec<u8>>> {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{} is not a usable Flotilla snapshot: {what}; move it away and the replica \
-                 will fetch a snapshot from the leader",
+                "{} is not a usable Flotilla snapshot: {what}. The log behind it is already \
+                 purged, so the replica cannot rebuild its state alone: move the whole Raft \
+                 directory aside and let the replica rejoin from its peers (docs/operations.md, \
+                 The Raft data directory), or restore it from a backup",
                 path.display()
             ),
         )
@@ -107,6 +109,6 @@ mod tests {
         let err = read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("snapshot.bin"), "{err}");
         assert!(err.contains("checksum"), "{err}");
-        assert!(err.contains("move it away"), "{err}");
+        assert!(err.contains("move the whole Raft directory aside"), "{err}");
     }
 }

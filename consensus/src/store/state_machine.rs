@@ -95,6 +95,11 @@ pub struct StateMachineStore {
     /// Held until the store is gone, so the database closes (and
     /// [`super::Stores::closed`] fires) only after the last snapshot write.
     _db: Arc<Db>,
+    /// The last log id of the snapshot in the file. Its lock is held while a snapshot is
+    /// written, so a snapshot built and one installed at the same time (openraft builds on
+    /// a task of its own) never write the file together, and an older one never replaces a
+    /// newer one.
+    persisted: Arc<Mutex<Option<LogId>>>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -124,6 +129,7 @@ impl StateMachineStore {
             Some(bytes) => Some(decode::<StoredSnapshot>(&bytes).map_err(|e| read_error(&e))?),
             None => None,
         };
+        let current_id = current.as_ref().and_then(|s| s.meta.last_log_id);
         let (last_applied, last_membership) = match &current {
             Some(s) => {
                 app.restore(&s.data)
@@ -140,6 +146,7 @@ impl StateMachineStore {
                 current,
                 snapshots_built: 0,
             })),
+            persisted: Arc::new(Mutex::new(current_id)),
             dir: dir.into(),
             _db: db,
         })
@@ -154,7 +161,13 @@ impl StateMachineStore {
         self.inner().last_applied.map(|l| l.index)
     }
 
-    fn persist(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
+    /// Writes `snapshot` to the file unless the file already holds one as new; says whether
+    /// it wrote.
+    fn persist(&self, snapshot: &StoredSnapshot) -> Result<bool, StorageError> {
+        let mut persisted = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        if persisted.is_some() && *persisted >= snapshot.meta.last_log_id {
+            return Ok(false);
+        }
         let sig = Some(snapshot.meta.signature());
         let err = |e: &dyn std::fmt::Display| {
             storage_error(
@@ -164,7 +177,29 @@ impl StateMachineStore {
             )
         };
         let bytes = encode(snapshot).map_err(|e| err(&e))?;
-        snapshot_file::write(&self.dir, &bytes).map_err(|e| err(&e))
+        snapshot_file::write(&self.dir, &bytes).map_err(|e| err(&e))?;
+        *persisted = snapshot.meta.last_log_id;
+        Ok(true)
+    }
+
+    /// Writes `snapshot` on a blocking thread; it becomes the current snapshot if it was
+    /// written (not superseded by a newer one meanwhile).
+    async fn persist_off_runtime(&self, snapshot: StoredSnapshot) -> Result<(), StorageError> {
+        let store = self.clone();
+        let (written, snapshot) =
+            tokio::task::spawn_blocking(move || store.persist(&snapshot).map(|w| (w, snapshot)))
+                .await
+                .map_err(|e| {
+                    storage_error(
+                        ErrorSubject::Snapshot(None),
+                        ErrorVerb::Write,
+                        format!("snapshot writer task failed: {e}"),
+                    )
+                })??;
+        if written {
+            self.inner().current = Some(snapshot);
+        }
+        Ok(())
     }
 }
 
@@ -231,7 +266,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                     meta,
                     data: encoder(),
                 };
-                let _ = done.send(store.persist(&stored).map(|()| stored));
+                let _ = done.send(store.persist(&stored).map(|written| (written, stored)));
             });
         let failed = |e: &dyn std::fmt::Display| {
             storage_error(
@@ -241,12 +276,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             )
         };
         writer.map_err(|e| failed(&e))?;
-        let stored = finished.await.map_err(|e| failed(&e))??;
+        let (written, stored) = finished.await.map_err(|e| failed(&e))??;
         let snapshot = Snapshot {
             meta: stored.meta.clone(),
             snapshot: Box::new(stored.data.clone()),
         };
-        self.inner().current = Some(stored);
+        // Not written: a newer snapshot was installed meanwhile and stays current.
+        if written {
+            self.inner().current = Some(stored);
+        }
         Ok(snapshot)
     }
 }
@@ -318,9 +356,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
         }
-        self.persist(&stored)?;
-        self.inner().current = Some(stored);
-        Ok(())
+        self.persist_off_runtime(stored).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -338,6 +374,47 @@ mod tests {
     use super::*;
     use crate::kv::KvStore;
     use crate::store::open_db;
+
+    fn stored(index: u64, value: &str) -> StoredSnapshot {
+        let mut kv = KvStore::default();
+        kv.map.insert("k".into(), value.as_bytes().to_vec());
+        kv.applied = index;
+        StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("1-{index}"),
+            },
+            data: kv.snapshot()(),
+        }
+    }
+
+    /// openraft may finish building a snapshot after it installed a newer one from the
+    /// leader: the older one must not replace it, on disk or as the current snapshot.
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _closed) = open_db(dir.path()).unwrap();
+        let app = Arc::new(Mutex::new(KvStore::default()));
+        let mut store =
+            StateMachineStore::open(dir.path(), db.clone(), Box::new(Typed(app))).unwrap();
+        let newer = stored(20, "new");
+        store
+            .install_snapshot(&newer.meta, Box::new(newer.data.clone()))
+            .await
+            .unwrap();
+        assert!(!store.persist(&stored(10, "old")).unwrap());
+        let current = store.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(20));
+        drop(store);
+        let app = Arc::new(Mutex::new(KvStore::default()));
+        let store = StateMachineStore::open(dir.path(), db, Box::new(Typed(app.clone()))).unwrap();
+        assert_eq!(store.last_applied_index(), Some(20));
+        assert_eq!(
+            app.lock().unwrap().map.get("k").map(Vec::as_slice),
+            Some(&b"new"[..])
+        );
+    }
 
     /// A replica upgraded from a version that kept its snapshot in redb restores from it, and
     /// the snapshot is in its file afterwards, gone from redb.

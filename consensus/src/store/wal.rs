@@ -32,7 +32,7 @@
 //! (the first write into an allocated extent still marks it written, which the sync
 //! carries). Reading stops at the first record that is incomplete or fails its checksum: the
 //! tail of a write that a crash tore, which was never acknowledged (see the batch records
-//! below for how that is told apart from damage to synced data). What follows it is zeroed before anything new is written, so leftovers of
+//! above for how that is told apart from damage to synced data). What follows it is zeroed before anything new is written, so leftovers of
 //! the torn write can never be read as records later. A purge is a record too; once purged
 //! records take more than [`COMPACT_AFTER`] and more than the live ones, the file is
 //! rewritten: the live records are copied into `raft.wal.tmp`, which is synced and renamed
@@ -162,9 +162,29 @@ impl Wal {
             }
             at = end;
         }
-        wal.end = at as u64; // Zero whatever a torn write left behind the last good record.
-        if let Some(last) = bytes[at..].iter().rposition(|&b| b != 0) {
-            wal.file.write_all_at(&vec![0; last + 1], at as u64)?;
+        wal.end = at as u64;
+        // Only the last batch can be torn, and nothing is ever written after it: an intact
+        // batch record past where reading stopped means synced data was damaged, not torn.
+        let tail = bytes[at..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .map(|last| at + last + 1);
+        if let Some(later) = tail.and_then(|end| batch_after(&bytes[..end], at)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the record at byte {at} is damaged, yet an intact batch of records \
+                     follows at byte {later}: the disk corrupted data that had been synced (a \
+                     crash only ever tears the last batch). Refusing to drop acknowledged \
+                     entries; move the data directory aside and let the replica rejoin from \
+                     its peers, or restore it from a backup",
+                    path.display()
+                ),
+            ));
+        }
+        // Zero whatever a torn write left behind the last good record.
+        if let Some(end) = tail {
+            wal.file.write_all_at(&vec![0; end - at], at as u64)?;
             wal.file.sync_data()?;
         }
         Ok((wal, contents))
@@ -400,6 +420,17 @@ fn u64_at(payload: &[u8]) -> io::Result<u64> {
     Ok(u64::from_le_bytes(raw.try_into().expect("8 bytes")))
 }
 
+/// The offset of an intact batch record after `from` (not one starting exactly there, which
+/// is the torn batch itself), if any.
+fn batch_after(bytes: &[u8], from: usize) -> Option<usize> {
+    let body = (BATCH_HEADER - HEADER) as u32;
+    (from + 1..bytes.len().saturating_sub(BATCH_HEADER - 1)).find(|&o| {
+        bytes[o..o + 4] == body.to_le_bytes()
+            && bytes[o + HEADER] == BATCH
+            && record_at(bytes, o).is_some()
+    })
+}
+
 /// A record read back: its offset, kind, payload and whole length.
 type Record<'a> = (usize, u8, &'a [u8], usize);
 
@@ -588,6 +619,21 @@ mod tests {
         assert!(err.contains("raft.wal"), "{err}");
         assert!(err.contains("corrupted data that had been synced"), "{err}");
         assert!(err.contains("rejoin from its peers"), "{err}");
+    }
+
+    #[test]
+    fn damage_to_records_written_whole_with_batches_after_them_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file written whole (as a purge or a move writes it), then one appended batch.
+        let mut wal = Wal::create(dir.path(), &sample()).unwrap();
+        wal.push_entry(6, b"entry 6");
+        wal.sync().unwrap();
+        // Damage entry 2, in the part written whole.
+        let (offset, _) = wal.entries[&2];
+        wal.file.write_all_at(b"X", offset + 12).unwrap();
+        drop(wal);
+        let err = Wal::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("intact batch of records"), "{err}");
     }
 
     #[test]

@@ -60,8 +60,9 @@ pub struct State {
     pub projects: BTreeMap<ProjectId, Project>,
     /// API tokens by id (only their hashes).
     pub tokens: BTreeMap<u64, ApiToken>,
-    /// Remembered webhook deliveries. Keys are shared with `delivery_times` (and with the
-    /// copy a snapshot takes), so each is allocated once.
+    /// Remembered webhook deliveries. Keys are shared with `delivery_times` and with the copy
+    /// a snapshot takes, so that copy allocates no keys (a state read back from a snapshot
+    /// holds separate copies until those deliveries are pruned).
     pub deliveries: BTreeMap<Arc<DeliveryKey>, Delivery>,
     /// The same deliveries ordered by when they arrived, for pruning.
     pub delivery_times: BTreeSet<(u64, Arc<DeliveryKey>)>,
