@@ -193,16 +193,7 @@ impl Wal {
     /// Creates the log file in `dir` holding `contents`, durably (used once, to move a log
     /// out of an older layout). Replaces any log file there.
     pub(crate) fn create(dir: &Path, contents: &Contents) -> io::Result<Self> {
-        let mut records = Vec::new();
-        if let Some(v) = &contents.vote {
-            push(&mut records, VOTE, &[v]);
-        }
-        if let Some(c) = &contents.committed {
-            push(&mut records, COMMITTED, &[c]);
-        }
-        if let Some((upto, id)) = &contents.purged {
-            push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
-        }
+        let mut records = head_records(&contents.vote, &contents.committed, &contents.purged);
         for (index, entry) in &contents.entries {
             push(&mut records, ENTRY, &[&index.to_le_bytes(), entry]);
         }
@@ -321,16 +312,7 @@ impl Wal {
     /// it returns.
     pub(crate) fn compact(&mut self) -> io::Result<()> {
         self.write_pending()?;
-        let mut records = Vec::new();
-        if let Some(v) = &self.vote {
-            push(&mut records, VOTE, &[v]);
-        }
-        if let Some(c) = &self.committed {
-            push(&mut records, COMMITTED, &[c]);
-        }
-        if let Some((upto, id)) = &self.purged {
-            push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
-        }
+        let mut records = head_records(&self.vote, &self.committed, &self.purged);
         let mut entries = BTreeMap::new();
         for (index, (offset, len)) in &self.entries {
             let start = records.len();
@@ -379,6 +361,25 @@ impl Wal {
         self.unsynced = true;
         Ok(())
     }
+}
+
+/// The records a file written whole starts with: vote, committed index, purge point.
+fn head_records(
+    vote: &Option<Vec<u8>>,
+    committed: &Option<Vec<u8>>,
+    purged: &Option<(u64, Vec<u8>)>,
+) -> Vec<u8> {
+    let mut records = Vec::new();
+    if let Some(v) = vote {
+        push(&mut records, VOTE, &[v]);
+    }
+    if let Some(c) = committed {
+        push(&mut records, COMMITTED, &[c]);
+    }
+    if let Some((upto, id)) = purged {
+        push(&mut records, PURGED, &[&upto.to_le_bytes(), id]);
+    }
+    records
 }
 
 /// Appends one record to `out`; returns its length.
