@@ -50,8 +50,6 @@ pub struct LogStats {
     pub entries: AtomicU64,
     /// Time spent in those durable commits (writes and fsync), in microseconds.
     pub commit_micros: AtomicU64,
-    /// Appends handed to the writer and not yet durable.
-    pub appends_in_flight: AtomicU64,
 }
 
 /// What the writer thread does, in order.
@@ -325,7 +323,6 @@ fn writer(mut wal: Wal, rx: &mpsc::Receiver<Write>, stats: &LogStats) {
         for w in batch {
             match w {
                 Write::Append { done, .. } => {
-                    stats.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
                     done.log_io_completed(result.clone().map_err(std::io::Error::other));
                 }
                 Write::Vote { done, .. }
@@ -469,11 +466,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 c.entries.insert(entry.log_id.index, entry.clone());
             }
         }
-        // Early replication pays when the leader waits for one sync at a time. While an
-        // earlier append is still syncing, writes are arriving faster than syncs and are
-        // being batched: throughput is bound by CPU, and sending every entry twice would
-        // only cost more of it.
-        let writer_idle = self.stats.appends_in_flight.fetch_add(1, Ordering::SeqCst) == 0;
         self.writer
             .send(Write::Append {
                 entries: encoded,
@@ -483,7 +475,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|_| {
                 storage_error(ErrorSubject::Logs, ErrorVerb::Write, "log writer stopped")
             })?;
-        if let (Some(prev), true) = (prev, writer_idle) {
+        // Offered after the hand-off, so the followers' syncs run alongside this one. (openraft
+        // 0.9 appends on the leader one batch at a time, waiting for each to be durable, so
+        // there is never an earlier append of ours still syncing to skip the offer for.)
+        if let Some(prev) = prev {
             self.early.offer(vote.as_ref(), prev, &entries);
         }
         Ok(())
