@@ -82,7 +82,6 @@ struct Inner {
     app: Box<dyn Erased>,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
-    current: Option<StoredSnapshot>,
     snapshots_built: u64,
 }
 
@@ -143,7 +142,6 @@ impl StateMachineStore {
                 app,
                 last_applied,
                 last_membership,
-                current,
                 snapshots_built: 0,
             })),
             persisted: Arc::new(Mutex::new(current_id)),
@@ -182,24 +180,19 @@ impl StateMachineStore {
         Ok(true)
     }
 
-    /// Writes `snapshot` on a blocking thread; it becomes the current snapshot if it was
-    /// written (not superseded by a newer one meanwhile).
+    /// Writes `snapshot` on a blocking thread (unless a newer one is already written).
     async fn persist_off_runtime(&self, snapshot: StoredSnapshot) -> Result<(), StorageError> {
         let store = self.clone();
-        let (written, snapshot) =
-            tokio::task::spawn_blocking(move || store.persist(&snapshot).map(|w| (w, snapshot)))
-                .await
-                .map_err(|e| {
-                    storage_error(
-                        ErrorSubject::Snapshot(None),
-                        ErrorVerb::Write,
-                        format!("snapshot writer task failed: {e}"),
-                    )
-                })??;
-        if written {
-            self.inner().current = Some(snapshot);
-        }
-        Ok(())
+        tokio::task::spawn_blocking(move || store.persist(&snapshot))
+            .await
+            .map_err(|e| {
+                storage_error(
+                    ErrorSubject::Snapshot(None),
+                    ErrorVerb::Write,
+                    format!("snapshot writer task failed: {e}"),
+                )
+            })?
+            .map(|_| ())
     }
 }
 
@@ -266,7 +259,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                     meta,
                     data: encoder(),
                 };
-                let _ = done.send(store.persist(&stored).map(|written| (written, stored)));
+                let _ = done.send(store.persist(&stored).map(|_| stored));
             });
         let failed = |e: &dyn std::fmt::Display| {
             storage_error(
@@ -276,16 +269,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             )
         };
         writer.map_err(|e| failed(&e))?;
-        let (written, stored) = finished.await.map_err(|e| failed(&e))??;
-        let snapshot = Snapshot {
-            meta: stored.meta.clone(),
-            snapshot: Box::new(stored.data.clone()),
-        };
-        // Not written: a newer snapshot was installed meanwhile and stays current.
-        if written {
-            self.inner().current = Some(stored);
-        }
-        Ok(snapshot)
+        // Not kept in memory: the file is the current snapshot (read back only when a follower
+        // needs one). Not written if a newer one was installed meanwhile; openraft only uses
+        // this one's metadata (to purge the log up to it), which stays true.
+        let stored = finished.await.map_err(|e| failed(&e))??;
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(stored.data),
+        })
     }
 }
 
@@ -360,9 +351,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.inner().current.as_ref().map(|s| Snapshot {
-            meta: s.meta.clone(),
-            snapshot: Box::new(s.data.clone()),
+        // No lock: a snapshot is renamed into place whole, so this reads the old or the new one.
+        let read_error = |e: &dyn std::fmt::Display| {
+            storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, e.to_string())
+        };
+        let Some(bytes) = snapshot_file::read(&self.dir).map_err(|e| read_error(&e))? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = decode(&bytes).map_err(|e| read_error(&e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(stored.data),
         }))
     }
 }
