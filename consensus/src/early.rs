@@ -13,11 +13,14 @@
 //! arrives a moment later, the follower already has them — durable, or being synced — and
 //! answers as soon as they are, so the follower's sync overlaps the leader's.
 //!
-//! Nothing here can break safety: every request is one the leader could legitimately send
-//! (a stale or reordered one is refused by the vote check or is a no-op on entries already
-//! present, as for any AppendEntries), and commitment is still decided by openraft from its
-//! own replication. Offers are dropped, never queued without bound: a follower still busy
-//! with the previous offer simply gets the entries from openraft's replication.
+//! Safety holds because every request is one the leader could legitimately send (a stale or
+//! reordered one is refused by the vote check or is a no-op on entries already present, as
+//! for any AppendEntries), and commitment is still decided by openraft from its own
+//! replication. One openraft 0.9 behaviour needs a guard: it restores a restarted leader in
+//! its old term, free to reuse the log ids of entries it sent early and never synced; a
+//! replica therefore steps down at start (`LogStore::step_down_if_leader`). Offers are
+//! dropped, never queued without bound: a follower still busy with the previous offer simply
+//! gets the entries from openraft's replication.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,7 +4,7 @@
 //! - [`types`]: the openraft type configuration and the [`StateMachine`] trait an
 //!   application implements (the federator plugs in `flotilla-core`'s deterministic `apply`).
 //! - [`store`]: the log, vote and committed index in an append-only file with group commit;
-//!   snapshots in redb.
+//!   the latest snapshot in a file of its own (redb only for moving older data out).
 //! - [`early`]: the leader offers fresh entries to followers while its own sync runs.
 //! - [`kv`]: a small key-value state machine for tests, benchmarks and bring-up.
 //!

@@ -28,7 +28,7 @@ use crate::types::{NodeId, Raft, StateMachine, decode, encode};
 pub struct NodeConfig {
     /// This replica's id, unique and stable for its data directory's lifetime.
     pub node_id: NodeId,
-    /// Where the replica keeps its Raft data (the log file `raft.wal`, snapshots in `raft.redb`).
+    /// Where the replica keeps its Raft data (`raft.wal`, `snapshot.bin`).
     pub data_dir: PathBuf,
     /// The `host:port` peers and clients use to reach this replica's gRPC server.
     pub advertise_addr: String,

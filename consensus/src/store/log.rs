@@ -34,7 +34,8 @@ use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig, decode, encod
 
 /// Log entries by index, postcard-encoded: where versions before the log file kept them.
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// Small records: the snapshot (and, before the log file, vote, committed and last purged).
+/// Small records, in versions before the log and snapshot files: vote, committed, last
+/// purged, snapshot.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const VOTE: &str = "vote";

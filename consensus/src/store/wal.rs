@@ -1,6 +1,6 @@
 //! The Raft log on disk: one append-only file of checksummed records, `raft.wal`.
 //!
-//! Why not redb, which keeps the snapshots: a redb commit rewrites several B-tree and
+//! Why not redb, where earlier versions kept it: a redb commit rewrites several B-tree and
 //! allocator pages before its one `fdatasync`, and measured 0.22–0.36 ms per commit on the
 //! build machines, while appending one record to a preallocated file and syncing it costs
 //! 0.11–0.15 ms. A commit on the single-client path is one of these on the leader and one on
