@@ -24,17 +24,20 @@
 //! - [`state`]: the replicated control state and its deterministic `apply`.
 //! - [`suggest`]: "did you mean" suggestions shared by every error that names a thing.
 
+pub mod aggregate;
 pub mod autoscale;
 pub mod dag;
 pub mod forge;
 pub mod ids;
 pub mod job;
+pub mod mask;
 pub mod pipeline;
 pub mod placement;
 pub mod repo;
 pub mod runner;
 pub mod simulate;
 pub mod state;
+pub mod store;
 pub mod suggest;
 
 pub use ids::{Attempt, BuildId, CellId, Fence, IdError, JobId, PoolName, ProjectId};

@@ -179,6 +179,30 @@ pub struct Resources {
     pub memory_bytes: u64,
 }
 
+impl Resources {
+    /// Reads Kubernetes-style amounts, as a pipeline's `resources` does: CPU `"2"`, `"1.5"`
+    /// or `"500m"`; memory `"2Gi"`, `"512Mi"`, `"1G"`. `Err` says what is wrong.
+    pub fn parse(cpu: &str, memory: &str) -> Result<Self, String> {
+        Ok(Self {
+            cpu_millis: units::parse_cpu(cpu)?,
+            memory_bytes: units::parse_memory(memory)?,
+        })
+    }
+
+    /// Whether both amounts are at most `other`'s.
+    pub fn fits_within(&self, other: &Resources) -> bool {
+        self.cpu_millis <= other.cpu_millis && self.memory_bytes <= other.memory_bytes
+    }
+
+    /// The larger of each amount.
+    pub fn max(&self, other: &Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.max(other.cpu_millis),
+            memory_bytes: self.memory_bytes.max(other.memory_bytes),
+        }
+    }
+}
+
 impl fmt::Display for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
