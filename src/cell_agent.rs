@@ -262,8 +262,13 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             let client = kubernetes::client::connect(kube_config)
                 .await
                 .context("connecting to the Kubernetes API server (in-cluster service account, or KUBECONFIG)")?;
-            let backend = KubeBackend::new(client, (**kube_config).clone(), cell.clone())
-                .context("starting the kubernetes runner backend")?;
+            let backend = KubeBackend::with_pools(
+                client,
+                (**kube_config).clone(),
+                cell.clone(),
+                file.pool_pods(),
+            )
+            .context("starting the kubernetes runner backend")?;
             tracing::info!(cell = %cell, namespace = %kube_config.namespace, "Cell agent starting with the kubernetes backend.");
             Arc::new(backend)
         }
@@ -273,6 +278,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     config.labels = file.labels.clone();
     config.pools = file.pool_sizes();
     config.autoscale = file.autoscale();
+    config.pool_resources = file.pool_resources();
     config.history_file = Some(data.join("demand-history.json"));
     let agent = Agent::start(config, backend);
     crate::shutdown_signal().await;

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_core::autoscale::{Autoscaler, Policy, Retire, RunnerId};
+use flotilla_core::autoscale::{Autoscaler, Policy, Retire, RunnerId, RunnerState};
 use flotilla_core::ids::{CellId, Fence, JobId};
 use flotilla_core::job::{FailureClass, InfraReason, Outcome};
+use flotilla_core::pipeline::Resources;
 use flotilla_core::runner::{
     Assignment, JobReport, ReportState, RunnerBackend, RunnerError, RunnerEvent, RunnerEvents,
     RunnerInfo,
@@ -97,6 +98,9 @@ pub struct AgentConfig {
     /// sized by this policy (its `max` is the pool's size). Pools not named here start a
     /// runner per attempt. Needs a backend with warm runners (`local`).
     pub autoscale: BTreeMap<String, Policy>,
+    /// Each pool's runner size (pools not named here run jobs at the size they ask for): a
+    /// job asking for less is given this much.
+    pub pool_resources: BTreeMap<String, Resources>,
     /// How often warm pools are sized again besides on every change.
     pub autoscale_interval: Duration,
     /// Where the warm pools' time-of-day floors keep what they learnt across restarts
@@ -118,6 +122,7 @@ impl AgentConfig {
             reap_interval: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
             autoscale: BTreeMap::new(),
+            pool_resources: BTreeMap::new(),
             autoscale_interval: Duration::from_secs(1),
             history_file: None,
         }
@@ -147,6 +152,11 @@ pub struct AgentStats {
     pub runners_retired: AtomicU64,
     /// Fenced runners the backend found running a job, and so kept.
     pub runners_kept: AtomicU64,
+    /// Idle warm runners that died (evicted, deleted by someone else) before taking a job.
+    pub runners_lost: AtomicU64,
+    /// Jobs of a warm pool started on a runner of their own because they did not fit its
+    /// warm runners (another image, or more resources).
+    pub cold_starts: AtomicU64,
 }
 
 /// A running agent.
@@ -602,22 +612,41 @@ impl Worker {
     async fn start_on(
         &mut self,
         pool: &str,
-        start: Vec<(RunnerId, Assignment)>,
+        mut start: Vec<(RunnerId, Assignment)>,
         session: Option<&Session>,
     ) {
-        for (runner, a) in start {
-            let (job, fence) = (a.job, a.fence);
-            tracing::info!(cell = %self.config.cell, job = %job, runner = %runner, pool, "Starting on a warm runner.");
-            let started = match self.backend.warm() {
-                Some(w) => w.start_on(pool, runner, a, self.sink.clone()).await,
-                None => Err(RunnerError::Unavailable("no warm runners".into())),
-            };
-            if let Err(e) = started {
-                tracing::warn!(job = %job, runner = %runner, error = %e, "The warm runner refused the attempt.");
-                let crash = Outcome::Failed(FailureClass::Infra {
-                    reason: InfraReason::RunnerCrash,
-                });
-                self.finish(job, fence, crash, now_ms(), session).await;
+        while !start.is_empty() {
+            let mut died = false;
+            for (runner, a) in std::mem::take(&mut start) {
+                let (job, fence) = (a.job, a.fence);
+                tracing::info!(cell = %self.config.cell, job = %job, runner = %runner, pool, "Starting on a warm runner.");
+                let started = match self.backend.warm() {
+                    Some(w) => w.start_on(pool, runner, a.clone(), self.sink.clone()).await,
+                    None => Err(RunnerError::Internal("no warm runners".into())),
+                };
+                match started {
+                    Ok(()) => {}
+                    Err(RunnerError::Unavailable(why)) if self.warm.contains_key(pool) => {
+                        // The runner died before its job came (a warm pod evicted): the job
+                        // waits for the next one, which the policy makes if need be.
+                        tracing::warn!(job = %job, runner = %runner, why = %why, "A warm runner was gone when its job came; the job waits for another.");
+                        self.stats.runners_lost.fetch_add(1, Ordering::Relaxed);
+                        if let Some(p) = self.warm.get_mut(pool) {
+                            p.runner_died_with(runner, a);
+                        }
+                        died = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %job, runner = %runner, error = %e, "The warm runner refused the attempt.");
+                        let crash = Outcome::Failed(FailureClass::Infra {
+                            reason: InfraReason::RunnerCrash,
+                        });
+                        self.finish(job, fence, crash, now_ms(), session).await;
+                    }
+                }
+            }
+            if died && let Some(p) = self.warm.get_mut(pool) {
+                start = p.dispatch();
             }
         }
     }
@@ -639,9 +668,34 @@ impl Worker {
         }
     }
 
+    /// Stops counting warm runners the backend says died while idle.
+    fn absorb_lost(&mut self) {
+        let lost = self
+            .backend
+            .warm()
+            .map(|w| w.take_lost())
+            .unwrap_or_default();
+        for (name, runner) in lost {
+            let Some(pool) = self.warm.get_mut(&name) else {
+                continue;
+            };
+            // A runner with a job is its attempt's business (the attempt reports how it
+            // ended, and the runner goes with it).
+            if matches!(
+                pool.runners.state(runner),
+                Some(RunnerState::Idle | RunnerState::Fenced | RunnerState::Starting)
+            ) {
+                pool.runners.lost(runner);
+                self.stats.runners_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(cell = %self.config.cell, pool = %name, runner = %runner, "An idle warm runner died; it is replaced as the pool needs.");
+            }
+        }
+    }
+
     /// Sizes one warm pool: starts runners, fences surplus idle ones and retires the fenced
     /// (phase two: the backend checks each is still idle before deleting it).
     async fn scale(&mut self, name: &str, session: Option<&Session>) {
+        self.absorb_lost();
         let Some(pool) = self.warm.get_mut(name) else {
             return;
         };
@@ -792,8 +846,12 @@ impl Worker {
         true
     }
 
-    async fn assign(&mut self, a: Assignment, delivered_at_ms: u64, session: Option<&Session>) {
+    async fn assign(&mut self, mut a: Assignment, delivered_at_ms: u64, session: Option<&Session>) {
         let (job, fence) = (a.job, a.fence);
+        if let Some(floor) = self.config.pool_resources.get(&a.pool) {
+            // The pool's runner size: a job asking for less gets a whole runner.
+            a.resources = a.resources.max(floor);
+        }
         if self.done.contains(&(job, fence)) {
             return; // Already ran here; its report is in the outbox or acknowledged.
         }
@@ -818,7 +876,10 @@ impl Worker {
                 log,
             },
         );
-        if let Some(pool) = self.warm.get_mut(&a.pool) {
+        let fits = self.backend.warm().is_some_and(|w| w.fits(&a.pool, &a));
+        if let Some(pool) = self.warm.get_mut(&a.pool)
+            && fits
+        {
             // A warm pool: the job takes the next idle runner, now or once one is ready.
             let name = a.pool.clone();
             pool.enqueue(a);
@@ -826,6 +887,11 @@ impl Worker {
             self.start_on(&name, start, session).await;
             self.scale(&name, session).await;
             return;
+        }
+        if self.warm.contains_key(&a.pool) {
+            // Another image, or more than the pool's runners have: a runner of its own.
+            self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(cell = %self.config.cell, job = %job, pool = %a.pool, image = %a.image, "The job does not fit the pool's warm runners; starting it on a runner of its own.");
         }
         if let Err(e) = self.backend.start(a, self.sink.clone()).await {
             tracing::warn!(job = %job, error = %e, "The runner backend refused the attempt.");

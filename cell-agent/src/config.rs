@@ -12,7 +12,9 @@ use serde::Deserialize;
 use crate::backend::SandboxMode;
 use crate::backend::kubernetes::KubeConfig;
 use crate::backend::kubernetes::config::duration;
+pub use crate::backend::kubernetes::config::{PoolPods, WarmPods};
 use flotilla_core::autoscale::{FloorPolicy, Period, Policy};
+use flotilla_core::pipeline::Resources;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -26,8 +28,9 @@ pub struct AgentFile {
     /// Labels matched by jobs' `placement.labels`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Runner pools: name → most runners at once (`default: 4`, the default), or a warm
-    /// pool sized by total workload (`large: { max: 20, min: 2 }`, see [`WarmPoolFile`]).
+    /// Runner pools: name → most runners at once (`default: 4`, the default), or a pool
+    /// with settings (`large: { max: 20, min: 2, resources: { cpu: 4, memory: 16Gi } }`, see
+    /// [`PoolSpecFile`]), warm (sized by total workload) unless it says `warm: false`.
     #[serde(default = "default_pools")]
     pub pools: BTreeMap<String, PoolFile>,
     /// Cell-session addresses (`host:port`) of federator replicas.
@@ -114,13 +117,14 @@ fn default_pools() -> BTreeMap<String, PoolFile> {
     )])
 }
 
-/// One pool: a size, or a warm pool.
+/// One pool: a size, or a pool with settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PoolFile {
     /// At most this many runners, each started when its job arrives.
     Size(u32),
-    /// Runners started ahead of their jobs, as many as the total workload needs.
-    Warm(WarmPoolFile),
+    /// A pool with settings: runner size, images to pre-pull, and (unless `warm: false`)
+    /// runners started ahead of their jobs, as many as the total workload needs.
+    Spec(PoolSpecFile),
 }
 
 impl PoolFile {
@@ -128,7 +132,15 @@ impl PoolFile {
     pub fn max(&self) -> u32 {
         match self {
             PoolFile::Size(n) => *n,
-            PoolFile::Warm(w) => w.max,
+            PoolFile::Spec(w) => w.max,
+        }
+    }
+
+    /// The settings, when the pool has any beyond its size.
+    pub fn spec(&self) -> Option<&PoolSpecFile> {
+        match self {
+            PoolFile::Size(_) => None,
+            PoolFile::Spec(w) => Some(w),
         }
     }
 }
@@ -150,21 +162,41 @@ impl<'de> Deserialize<'de> for PoolFile {
                 Err(E::custom(format!("a pool needs a positive size, not {v}")))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PoolFile, A::Error> {
-                WarmPoolFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(PoolFile::Warm)
+                PoolSpecFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PoolFile::Spec)
             }
         }
         d.deserialize_any(Visitor)
     }
 }
 
-/// A warm pool (ARCHITECTURE §8, docs/operations.md "Runner pools"): runners are started
-/// before their jobs and sized by the pool's total workload, `(busy + queued) / total`.
+/// A pool with settings (ARCHITECTURE §8, docs/operations.md "Runner pools"). Unless it
+/// says `warm: false` it is a warm pool: runners are started before their jobs and sized by
+/// the pool's total workload, `(busy + queued) / total`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WarmPoolFile {
+pub struct PoolSpecFile {
     /// Most runners at once (the pool's size as placement sees it).
     pub max: u32,
+    /// Whether runners are started ahead of their jobs (the default) or each when its job
+    /// arrives (`false`: the autoscaling settings below are then unused).
+    #[serde(default = "default_warm")]
+    pub warm: bool,
+    /// Each runner's CPU and memory, such as `{ cpu: 4, memory: 16Gi }`: a job asking for
+    /// less gets this much, a job asking for more gets what it asks (and, in a warm pool,
+    /// starts cold on a runner of its own). Required for a warm pool on `kubernetes`, whose
+    /// pods are created at this size before their jobs are known.
+    #[serde(default)]
+    pub resources: Option<ResourcesFile>,
+    /// `kubernetes`, warm pools: the image warm pods run. A job with another image starts
+    /// cold, on a pod of its own. Ignored by `local`, which runs on the host's tools.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// `kubernetes`: images to pull onto the cell's runner nodes ahead of any job (a
+    /// DaemonSet per cell), so cold pods with these images start without a pull. Ignored by
+    /// `local`.
+    #[serde(default)]
+    pub prepull: Vec<String>,
     /// Runners kept even with no work.
     #[serde(default)]
     pub min: u32,
@@ -203,6 +235,43 @@ pub struct FloorFile {
     pub lookahead: Duration,
 }
 
+/// CPU and memory in Kubernetes' notation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesFile {
+    /// Cores: `4`, `0.5` or `500m`.
+    #[serde(deserialize_with = "string_or_number")]
+    pub cpu: String,
+    /// Memory: `16Gi`, `512Mi`.
+    pub memory: String,
+}
+
+impl ResourcesFile {
+    /// The amounts; `Err` says which is wrong.
+    pub fn resources(&self) -> Result<Resources, String> {
+        Resources::parse(&self.cpu, &self.memory)
+    }
+}
+
+/// A quantity written as a string or a bare number (`cpu: 4`).
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        S(String),
+        U(u64),
+        F(f64),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::S(s) => s,
+        Either::U(n) => n.to_string(),
+        Either::F(f) => f.to_string(),
+    })
+}
+
+fn default_warm() -> bool {
+    true
+}
 fn default_target() -> f64 {
     Policy::default().target_utilisation
 }
@@ -236,7 +305,7 @@ fn default_lookahead() -> Duration {
     Duration::from_millis(FloorPolicy::default().lookahead_ms)
 }
 
-impl WarmPoolFile {
+impl PoolSpecFile {
     /// The core policy.
     pub fn policy(&self) -> Policy {
         Policy {
@@ -283,8 +352,44 @@ impl AgentFile {
         self.pools
             .iter()
             .filter_map(|(name, p)| match p {
-                PoolFile::Warm(w) => Some((name.clone(), w.policy())),
-                PoolFile::Size(_) => None,
+                PoolFile::Spec(w) if w.warm => Some((name.clone(), w.policy())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Each pool's runner size, for the pools that give one.
+    pub fn pool_resources(&self) -> BTreeMap<String, Resources> {
+        self.pools
+            .iter()
+            .filter_map(|(name, p)| {
+                let r = p.spec()?.resources.as_ref()?.resources().ok()?;
+                Some((name.clone(), r))
+            })
+            .collect()
+    }
+
+    /// What the kubernetes backend needs to know of each pool with settings: the warm
+    /// pods' image and size, and the images to pre-pull.
+    pub fn pool_pods(&self) -> BTreeMap<String, PoolPods> {
+        self.pools
+            .iter()
+            .filter_map(|(name, p)| {
+                let spec = p.spec()?;
+                let warm = match (&spec.image, &spec.resources) {
+                    (Some(image), Some(r)) if spec.warm => Some(WarmPods {
+                        image: image.clone(),
+                        resources: r.resources().ok()?,
+                    }),
+                    _ => None,
+                };
+                Some((
+                    name.clone(),
+                    PoolPods {
+                        warm,
+                        prepull: spec.prepull.clone(),
+                    },
+                ))
             })
             .collect()
     }
@@ -298,16 +403,30 @@ impl AgentFile {
         if self.pools.is_empty() || self.pools.values().any(|p| p.max() == 0) {
             return Err("pools: give at least one pool, each with a positive size".into());
         }
+        let kubernetes = matches!(self.backend, BackendFile::Kubernetes(_));
         for (name, pool) in &self.pools {
             flotilla_core::ids::PoolName::new(name).map_err(|e| format!("pools: {e}"))?;
-            let PoolFile::Warm(w) = pool else { continue };
+            let PoolFile::Spec(w) = pool else { continue };
+            if let Some(r) = &w.resources {
+                r.resources()
+                    .map_err(|e| format!("pools.{name}.resources: {e}"))?;
+            }
+            for image in w.image.iter().chain(&w.prepull) {
+                if image.trim().is_empty() || image.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "pools.{name}: `{image}` is not an image reference (such as rust:1.83 or ghcr.io/org/ci:1)"
+                    ));
+                }
+            }
+            if !w.warm {
+                continue;
+            }
             w.policy()
                 .validate()
                 .map_err(|e| format!("pools.{name}: {e}"))?;
-            if matches!(self.backend, BackendFile::Kubernetes(_)) {
+            if kubernetes && (w.image.is_none() || w.resources.is_none()) {
                 return Err(format!(
-                    "pools.{name}: warm pools need the local backend for now (warm pods for kubernetes are not built yet); give the pool a size instead, such as `{name}: {}`",
-                    w.max
+                    "pools.{name}: a warm pool on kubernetes creates its pods before their jobs are known, so it needs the `image` they run and their `resources`, such as `image: rust:1.83` and `resources: {{ cpu: 2, memory: 4Gi }}` (jobs with another image, or asking for more, start cold); or make it `warm: false`"
                 ));
             }
         }
@@ -384,7 +503,74 @@ mod tests {
         let text =
             format!("{base}backend: {{ kubernetes: {{}} }}\npools:\n  large: {{ max: 2 }}\n");
         let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("kubernetes");
-        assert!(err.contains("`large: 2`"), "{err}");
+        assert!(
+            err.contains("pools.large") && err.contains("image") && err.contains("warm: false"),
+            "{err}"
+        );
+        let text = format!(
+            "{base}backend: {{ local: {{}} }}\npools:\n  large: {{ max: 2, resources: {{ cpu: 2, memory: 4 }} }}\n"
+        );
+        let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("memory without a unit");
+        assert!(
+            err.contains("pools.large.resources") && err.contains("add a unit"),
+            "{err}"
+        );
+        let text = format!(
+            "{base}backend: {{ kubernetes: {{}} }}\npools:\n  large: {{ max: 2, warm: false, prepull: [\"rust 1.83\"] }}\n"
+        );
+        let err = AgentFile::from_yaml("agent.yaml", &text).expect_err("bad image");
+        assert!(err.contains("`rust 1.83` is not an image"), "{err}");
+    }
+
+    #[test]
+    fn a_kubernetes_pool_gives_its_warm_pods_image_and_size_and_its_pre_pull_list() {
+        let text = "cell: a\nfederators: [x]\ndata_dir: /d\nauth: { token_file: /t }\n\
+                    backend: { kubernetes: {} }\npools:\n  default: 8\n\
+                    \x20 large:\n    max: 20\n    min: 2\n    image: rust:1.83\n\
+                    \x20   resources: { cpu: 4, memory: 16Gi }\n    prepull: [rust:1.83, node:22]\n\
+                    \x20 arm: { max: 5, warm: false, resources: { cpu: 500m, memory: 1Gi }, prepull: [debian:12] }\n";
+        let f = AgentFile::from_yaml("agent.yaml", text).expect("valid");
+        assert_eq!(
+            f.pool_sizes(),
+            BTreeMap::from([
+                ("arm".to_owned(), 5),
+                ("default".to_owned(), 8),
+                ("large".to_owned(), 20)
+            ])
+        );
+        // Only `large` is autoscaled: `arm` starts a pod per job.
+        assert_eq!(f.autoscale().keys().collect::<Vec<_>>(), ["large"]);
+        let large = Resources {
+            cpu_millis: 4000,
+            memory_bytes: 16 << 30,
+        };
+        let arm = Resources {
+            cpu_millis: 500,
+            memory_bytes: 1 << 30,
+        };
+        assert_eq!(
+            f.pool_resources(),
+            BTreeMap::from([("arm".to_owned(), arm), ("large".to_owned(), large)])
+        );
+        let pods = f.pool_pods();
+        assert_eq!(
+            pods["large"],
+            PoolPods {
+                warm: Some(WarmPods {
+                    image: "rust:1.83".into(),
+                    resources: large
+                }),
+                prepull: vec!["rust:1.83".into(), "node:22".into()],
+            }
+        );
+        assert_eq!(
+            pods["arm"],
+            PoolPods {
+                warm: None,
+                prepull: vec!["debian:12".into()],
+            }
+        );
+        assert!(!pods.contains_key("default"));
     }
 
     #[test]

@@ -110,6 +110,14 @@ impl WarmPool {
         out
     }
 
+    /// Runner `runner` turned out dead when `a` was handed to it: it is dropped, and `a`
+    /// goes back to the front of the queue for the next runner.
+    pub(crate) fn runner_died_with(&mut self, runner: RunnerId, a: Assignment) {
+        self.by_job.remove(&(a.job, a.fence));
+        self.runners.lost(runner);
+        self.waiting.push_front(a);
+    }
+
     /// The attempt of `job` under `fence` ended (or never started on its runner): its
     /// one-shot runner is gone.
     pub(crate) fn job_ended(&mut self, job: JobId, fence: Fence) -> Option<RunnerId> {
@@ -210,6 +218,7 @@ mod tests {
             image: "debian:12".into(),
             steps: Vec::new(),
             env: Vec::new(),
+            secrets: Vec::new(),
             timeout_secs: 60,
             resources: Resources {
                 cpu_millis: 1000,

@@ -498,15 +498,18 @@ fn the_kustomization_lists_every_manifest_file_and_only_existing_ones() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn the_agent_role_is_namespaced_and_grants_only_pods_pod_logs_secrets_and_events() {
+fn the_agent_role_is_namespaced_and_grants_only_pods_pod_logs_secrets_events_and_the_prepull_daemonset()
+ {
     let manifests = manifests();
     let role: &Role = the(&manifests, Some(RUNNER_NAMESPACE), AGENT);
     let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (i, rule) in role.rules.iter().flatten().enumerate() {
-        assert_eq!(
-            rule.api_groups.as_deref(),
-            Some(&[String::new()][..]),
-            "rule {i}: only the core API group"
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        assert!(
+            groups == [String::new()]
+                || (groups == ["apps".to_owned()] && resources == ["daemonsets".to_owned()]),
+            "rule {i}: only the core API group, and apps for the pre-pull DaemonSet: {groups:?} {resources:?}"
         );
         assert!(
             rule.non_resource_urls.is_none(),
@@ -536,13 +539,15 @@ fn the_agent_role_is_namespaced_and_grants_only_pods_pod_logs_secrets_and_events
                 "list",
                 "watch",
                 "create",
+                "patch",
                 "delete",
                 "deletecollection",
             ][..],
         ),
         ("pods/log", &["get"][..]),
-        ("secrets", &["get", "create", "delete"][..]),
+        ("secrets", &["get", "create", "patch", "delete"][..]),
         ("events", &["get", "list", "watch"][..]),
+        ("daemonsets", &["get", "create", "patch", "delete"][..]),
     ]
     .into_iter()
     .map(|(resource, verbs)| {
@@ -728,6 +733,90 @@ fn selects_runner_pods(policy: &NetworkPolicy) -> bool {
         .is_some_and(|v| v == RUNNER_LABEL.1)
 }
 
+/// The label warm runner pods carry on top of [`RUNNER_LABEL`].
+const WARM_LABEL: (&str, &str) = ("flotilla.dev/warm", "true");
+
+/// Whether the policy selects only warm runner pods (it may let the agent in).
+fn selects_only_warm_pods(policy: &NetworkPolicy) -> bool {
+    let spec = policy.spec.as_ref().expect("a NetworkPolicy has a spec");
+    spec.pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .and_then(|labels| labels.get(WARM_LABEL.0))
+        .is_some_and(|v| v == WARM_LABEL.1)
+}
+
+#[test]
+fn only_the_agent_may_connect_to_warm_runner_pods_and_only_on_the_standby_port() {
+    let manifests = manifests();
+    let config = agent_config(&manifests);
+    let port = config
+        .pointer("/backend/kubernetes/standby_port")
+        .and_then(Value::as_i64)
+        .unwrap_or(7171) as i32;
+    let warm: Vec<&Manifest> = manifests
+        .iter()
+        .filter(|m| {
+            m.get::<NetworkPolicy>()
+                .is_some_and(|p| selects_runner_pods(p) && selects_only_warm_pods(p))
+        })
+        .collect();
+    assert_eq!(warm.len(), 1, "one policy lets the agent reach warm pods");
+    assert_eq!(warm[0].namespace.as_deref(), Some(RUNNER_NAMESPACE));
+    let spec = warm[0]
+        .get::<NetworkPolicy>()
+        .unwrap()
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    assert!(spec.egress.is_none(), "it adds no egress");
+    let ingress = spec.ingress.as_deref().expect("ingress");
+    assert_eq!(ingress.len(), 1);
+    let from = ingress[0].from.as_deref().expect("from");
+    assert_eq!(from.len(), 1, "only the agent");
+    let peer = &from[0];
+    assert!(peer.ip_block.is_none());
+    let ns = peer
+        .namespace_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .and_then(|l| l.get("kubernetes.io/metadata.name"));
+    let pods = peer
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .and_then(|l| l.get("app.kubernetes.io/name"));
+    assert_eq!(
+        (ns.map(String::as_str), pods.map(String::as_str)),
+        (Some(AGENT_NAMESPACE), Some(AGENT))
+    );
+    let deployment: &Deployment = the(&manifests, Some(AGENT_NAMESPACE), AGENT);
+    let agent_labels = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.as_ref())
+        .expect("agent pod labels");
+    assert_eq!(
+        agent_labels
+            .get("app.kubernetes.io/name")
+            .map(String::as_str),
+        Some(AGENT),
+        "the selector matches the agent's pods"
+    );
+    let ports: Vec<(Option<&str>, Option<&IntOrString>)> = ingress[0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.protocol.as_deref(), p.port.as_ref()))
+        .collect();
+    assert_eq!(ports, [(Some("TCP"), Some(&IntOrString::Int(port)))]);
+}
+
 #[test]
 fn runner_pods_accept_no_ingress_and_cannot_reach_cloud_metadata_or_private_networks() {
     let manifests = manifests();
@@ -735,7 +824,9 @@ fn runner_pods_accept_no_ingress_and_cannot_reach_cloud_metadata_or_private_netw
         .iter()
         .filter(|m| {
             m.get::<NetworkPolicy>().is_some_and(|p| {
-                m.namespace.as_deref() == Some(RUNNER_NAMESPACE) && selects_runner_pods(p)
+                m.namespace.as_deref() == Some(RUNNER_NAMESPACE)
+                    && selects_runner_pods(p)
+                    && !selects_only_warm_pods(p)
             })
         })
         .collect();

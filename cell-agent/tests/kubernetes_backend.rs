@@ -792,3 +792,625 @@ async fn a_spec_that_cannot_be_read_just_now_fails_recovery_without_deleting_the
     ));
     assert_eq!(second.await.expect("task").expect("recovered"), vec![a]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warm pools: warm pods made before their jobs, handed a job through their standby, and the
+// cell's pre-pull DaemonSet.
+
+use flotilla_cell_agent::backend::kubernetes::{PoolPods, WarmPods};
+use flotilla_core::autoscale::RunnerId;
+use flotilla_core::pipeline::Resources;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::PodCondition;
+use std::collections::BTreeMap;
+
+const LARGE: Resources = Resources {
+    cpu_millis: 2000,
+    memory_bytes: 4 << 30,
+};
+
+fn warm_pools(prepull: &[&str]) -> BTreeMap<String, PoolPods> {
+    BTreeMap::from([(
+        "large".to_owned(),
+        PoolPods {
+            warm: Some(WarmPods {
+                image: "rust:1.83".into(),
+                resources: LARGE,
+            }),
+            prepull: prepull.iter().map(|s| (*s).to_owned()).collect(),
+        },
+    )])
+}
+
+fn setup_with_pools(
+    cfg: KubeConfig,
+    pools: BTreeMap<String, PoolPods>,
+) -> (KubeBackend, ApiServer) {
+    let (service, handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<TestBody>>();
+    let client = kube::Client::new(service, NS);
+    let backend = KubeBackend::with_pools(client, cfg, cell(), pools).expect("backend");
+    (backend, ApiServer { handle })
+}
+
+fn daemonset_path() -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/daemonsets/flotilla-prepull-cell-a")
+}
+
+impl ApiServer {
+    /// The watcher's list, then its watch and the pre-pull DaemonSet request in whichever
+    /// order they come (two tasks start together); returns the watch and the DaemonSet
+    /// request, unanswered.
+    async fn list_watch_and_prepull(&mut self, pods: &[Pod]) -> (Watch, Exchange) {
+        let list = self.expect(Method::GET, &pods_path()).await;
+        list.respond(once(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"}, "items": pods}),
+        ));
+        let mut watch = None;
+        let mut prepull = None;
+        while watch.is_none() || prepull.is_none() {
+            let x = self.next().await;
+            if x.path == pods_path() && x.query.contains("watch=true") {
+                let (response, tx) = streaming();
+                x.respond(response);
+                watch = Some(Watch { tx, rv: 100 });
+            } else {
+                assert_eq!(
+                    x.path,
+                    daemonset_path(),
+                    "unexpected {} {}",
+                    x.method,
+                    x.path
+                );
+                prepull = Some(x);
+            }
+        }
+        (watch.expect("watch"), prepull.expect("daemonset request"))
+    }
+}
+
+/// A standby that records what the agent sends it and accepts it (202), as the real
+/// `flotilla runner standby` does for a valid job (its own tests cover it).
+struct FakeStandby {
+    port: u16,
+    received: mpsc::Receiver<(Option<String>, Bytes)>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl FakeStandby {
+    async fn start() -> Self {
+        let (tx, received) = mpsc::channel(8);
+        let app = axum::Router::new().route(
+            "/v1/assign",
+            axum::routing::post(move |headers: http::HeaderMap, body: Bytes| {
+                let tx = tx.clone();
+                async move {
+                    let auth = headers
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let _ = tx.send((auth, body)).await;
+                    StatusCode::ACCEPTED
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("serve");
+        });
+        FakeStandby {
+            port,
+            received,
+            _server: server,
+        }
+    }
+}
+
+/// A warm pod as the API server returns it, with `status`.
+fn live_warm_pod(sent: &Pod, status: PodStatus) -> Pod {
+    let mut pod = sent.clone();
+    pod.metadata.uid = Some("uid-warm".into());
+    pod.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::chrono::Utc::now() - k8s_openapi::chrono::Duration::seconds(90),
+    ));
+    pod.status = Some(status);
+    pod
+}
+
+fn container_running(name: &str) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        state: Some(ContainerState {
+            running: Some(ContainerStateRunning { started_at: None }),
+            ..ContainerState::default()
+        }),
+        ..ContainerStatus::default()
+    }
+}
+
+/// Both containers running; `ready` when the standby answers its probe.
+fn warm_running(ready: bool) -> PodStatus {
+    PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: Some("127.0.0.1".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..PodCondition::default()
+        }]),
+        container_statuses: Some(vec![
+            container_running(render::STANDBY_CONTAINER),
+            container_running(render::JOB_CONTAINER),
+        ]),
+        ..PodStatus::default()
+    }
+}
+
+/// Expects a warm pod's creation and its Secret's; returns the pod as sent, and the token.
+async fn expect_warm_create(
+    server: &mut ApiServer,
+    cfg: &KubeConfig,
+    runner: RunnerId,
+) -> (Pod, String) {
+    let create = server.expect(Method::POST, &pods_path()).await;
+    let sent: Pod = serde_json::from_value(create.json()).expect("a Pod");
+    let name = sent.metadata.name.clone().expect("named");
+    let suffix = format!("-large-{}", runner.0);
+    let instance = name
+        .strip_prefix("flotilla-w")
+        .and_then(|rest| rest.strip_suffix(&suffix))
+        .unwrap_or_else(|| panic!("a warm pod's name says pool and runner: {name}"));
+    let spec = warm_pools(&[])["large"].warm.clone().expect("warm");
+    assert_eq!(
+        sent,
+        render::warm_pod(cfg, &cell(), "large", runner, instance, &spec),
+        "the created pod is the rendered warm pod"
+    );
+    create.respond(once(
+        StatusCode::CREATED,
+        serde_json::to_value(live_warm_pod(&sent, pending())).expect("json"),
+    ));
+    let secret = server
+        .expect(Method::POST, &format!("/api/v1/namespaces/{NS}/secrets"))
+        .await;
+    let secret_sent: Secret = serde_json::from_value(secret.json()).expect("a Secret");
+    assert_eq!(secret_sent.metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        secret_sent
+            .metadata
+            .owner_references
+            .as_ref()
+            .expect("owned")[0]
+            .uid,
+        "uid-warm",
+        "the token goes with its pod"
+    );
+    let token = String::from_utf8(
+        secret_sent.data.as_ref().expect("data")[render::TOKEN_KEY]
+            .0
+            .clone(),
+    )
+    .expect("utf-8");
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a 256-bit random token: {token}"
+    );
+    secret.respond(once(
+        StatusCode::CREATED,
+        serde_json::to_value(&secret_sent).expect("json"),
+    ));
+    (sent, token)
+}
+
+#[tokio::test]
+async fn a_warm_pod_is_ready_before_its_job_takes_the_job_through_its_standby_and_runs_it() {
+    let mut standby = FakeStandby::start().await;
+    let cfg = KubeConfig {
+        standby_port: standby.port,
+        ..config()
+    };
+    let (backend, mut server) = setup_with_pools(cfg.clone(), warm_pools(&[]));
+    let (mut watch, prepull) = server.list_watch_and_prepull(&[]).await;
+    // No pool pre-pulls anything: a DaemonSet left by an earlier configuration goes.
+    assert_eq!(prepull.method, Method::DELETE);
+    prepull.respond(status_error(404, "NotFound"));
+
+    let warm = backend.warm().expect("warm pools on kubernetes");
+    let mut a = job_assignment(21);
+    a.pool = "large".into();
+    a.resources = LARGE;
+    assert!(warm.fits("large", &a));
+    let runner = RunnerId(1);
+    let preparing = tokio::spawn({
+        let backend = backend.clone();
+        async move { backend.warm().expect("warm").prepare("large", runner).await }
+    });
+    let (sent, token) = expect_warm_create(&mut server, &cfg, runner).await;
+    let name = sent.metadata.name.clone().expect("named");
+    watch.push("ADDED", live_warm_pod(&sent, pending())).await;
+    watch
+        .push("MODIFIED", live_warm_pod(&sent, warm_running(false)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !preparing.is_finished(),
+        "running is not enough: the standby must answer its probe"
+    );
+    watch
+        .push("MODIFIED", live_warm_pod(&sent, warm_running(true)))
+        .await;
+    tokio::time::timeout(WAIT, preparing)
+        .await
+        .expect("prepare resolves once the pod is ready")
+        .expect("task")
+        .expect("the warm pod is ready");
+    assert!(
+        backend.list().await.expect("list").is_empty(),
+        "no attempt yet"
+    );
+
+    // The job arrives.
+    let events = Collector::new();
+    let sink: Arc<dyn RunnerEvents> = events.clone();
+    warm.start_on("large", runner, a.clone(), sink)
+        .await
+        .expect("handed over");
+    let patch = server
+        .expect(
+            Method::PATCH,
+            &format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+        )
+        .await;
+    let recorded: Assignment = serde_json::from_slice(&base64_decode(
+        patch.json()["data"][render::ATTEMPT_KEY]
+            .as_str()
+            .expect("b64"),
+    ))
+    .expect("the job, for a restarted agent");
+    assert_eq!(recorded, a);
+    patch.respond(once(
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}),
+    ));
+    let patch = server.expect(Method::PATCH, &pod_path(&name)).await;
+    let body = patch.json();
+    assert_eq!(body["metadata"]["labels"][render::LABEL_JOB], json!("21"));
+    assert_eq!(body["metadata"]["labels"][render::LABEL_FENCE], json!("7"));
+    let deadline = body["spec"]["activeDeadlineSeconds"]
+        .as_i64()
+        .expect("deadline");
+    let from_now = (a.timeout_secs + cfg.startup_allowance.as_secs()) as i64;
+    assert!(
+        (from_now + 89..=from_now + 92).contains(&deadline),
+        "the job's timeout plus the allowance, counted from the pod's start 90 s ago: {deadline}"
+    );
+    let mut labelled = live_warm_pod(&sent, warm_running(true));
+    labelled
+        .metadata
+        .labels
+        .as_mut()
+        .expect("labels")
+        .extend(render::labels(&cfg, &cell(), &a));
+    patch.respond(once(
+        StatusCode::OK,
+        serde_json::to_value(&labelled).expect("json"),
+    ));
+
+    let (auth, body) = tokio::time::timeout(WAIT, standby.received.recv())
+        .await
+        .expect("the standby is sent the job")
+        .expect("open");
+    assert_eq!(auth, None, "the token itself never crosses the network");
+    assert!(
+        !body.windows(8).any(|w| w == b"rust:1.8"),
+        "the job is sealed on the wire"
+    );
+    let opened = flotilla_cell_agent::runner::sealed::open(token.as_bytes(), &body)
+        .expect("sealed with the pod's token");
+    let got: Assignment = serde_json::from_slice(&opened).expect("an assignment");
+    assert_eq!(got, a, "the whole assignment, checkout included");
+
+    // The job container was already running (waiting for the hand-off): only the wrapper's
+    // `started` record starts the attempt.
+    let log = server
+        .expect(Method::GET, &format!("{}/log", pod_path(&name)))
+        .await;
+    assert!(
+        log.query.contains("container=job") && log.query.contains("follow=true"),
+        "{}",
+        log.query
+    );
+    let (response, tx) = streaming();
+    log.respond(response);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        events.events_of(a.job, a.fence).is_empty(),
+        "not started before the steps: {:?}",
+        events.events_of(a.job, a.fence)
+    );
+    tx.send(record_lines(&[
+        Record::Started { ts: 40 },
+        Record::Line {
+            ts: 41,
+            s: WireStream::Stdout,
+            step: Some(0),
+            t: "warm hello".into(),
+        },
+        Record::Finished {
+            ts: 42,
+            outcome: Outcome::Succeeded,
+        },
+    ]))
+    .await
+    .expect("log open");
+    drop(tx); // The container exited: its log ends.
+    events
+        .wait_for_line(a.job, a.fence, "warm hello", WAIT)
+        .await;
+    let mut done = labelled.clone();
+    done.status = Some(PodStatus {
+        phase: Some("Succeeded".into()),
+        ..terminated(0, "Completed", Some(Outcome::Succeeded))
+    });
+    watch.push("MODIFIED", done).await;
+    let (all, outcome) = events.wait_finished(a.job, a.fence, WAIT).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    assert!(
+        matches!(all.first(), Some(RunnerEvent::Started { at_ms: 40.. })),
+        "{all:#?}"
+    );
+    // Kept until the report is acknowledged, then deleted like any finished runner.
+    server.expect_silence(Duration::from_millis(150)).await;
+    backend.reported(a.job, a.fence);
+    server
+        .expect(Method::DELETE, &pod_path(&name))
+        .await
+        .respond(status_error(404, "NotFound"));
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("base64")
+}
+
+#[tokio::test]
+async fn a_job_with_another_image_or_more_resources_does_not_fit_the_warm_pods() {
+    let (backend, mut server) = setup_with_pools(config(), warm_pools(&[]));
+    let (_watch, prepull) = server.list_watch_and_prepull(&[]).await;
+    prepull.respond(status_error(404, "NotFound"));
+    let warm = backend.warm().expect("warm");
+    let mut a = job_assignment(22);
+    a.pool = "large".into();
+    a.resources = LARGE;
+    assert!(warm.fits("large", &a));
+    let mut other = a.clone();
+    other.image = "node:22".into();
+    assert!(!warm.fits("large", &other), "another image");
+    let mut bigger = a.clone();
+    bigger.resources.memory_bytes = 8 << 30;
+    assert!(
+        !warm.fits("large", &bigger),
+        "more memory than the warm pods have"
+    );
+    assert!(!warm.fits("default", &a), "a pool without warm pods");
+    // Without pools, the backend has no warm runners at all.
+    let (plain, _server) = setup();
+    assert!(plain.warm().is_none());
+}
+
+#[tokio::test]
+async fn retiring_an_idle_warm_pod_deletes_it_and_a_pod_that_cannot_pull_is_not_kept() {
+    let cfg = config();
+    let (backend, mut server) = setup_with_pools(cfg.clone(), warm_pools(&[]));
+    let (mut watch, prepull) = server.list_watch_and_prepull(&[]).await;
+    prepull.respond(status_error(404, "NotFound"));
+    let preparing = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .warm()
+                .expect("warm")
+                .prepare("large", RunnerId(1))
+                .await
+        }
+    });
+    let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(1)).await;
+    watch
+        .push("MODIFIED", live_warm_pod(&sent, warm_running(true)))
+        .await;
+    preparing.await.expect("task").expect("ready");
+    let warm = backend.warm().expect("warm");
+    assert_eq!(
+        warm.retire("large", RunnerId(1)).await.expect("retire"),
+        None
+    );
+    let name = sent.metadata.name.clone().expect("named");
+    server
+        .expect(Method::DELETE, &pod_path(&name))
+        .await
+        .respond(status_error(404, "NotFound"));
+    assert!(
+        warm.start_on("large", RunnerId(1), job_assignment(23), Collector::new())
+            .await
+            .is_err(),
+        "a retired runner takes no job"
+    );
+
+    // Runner 2's image cannot be pulled: past the deadline it is given up and deleted.
+    let preparing = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .warm()
+                .expect("warm")
+                .prepare("large", RunnerId(2))
+                .await
+        }
+    });
+    let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(2)).await;
+    let mut failing = warm_running(false);
+    failing.container_statuses = Some(vec![ContainerStatus {
+        name: render::JOB_CONTAINER.into(),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some("ImagePullBackOff".into()),
+                message: Some("Back-off pulling image \"rust:1.83\"".into()),
+            }),
+            ..ContainerState::default()
+        }),
+        ..ContainerStatus::default()
+    }]);
+    watch.push("MODIFIED", live_warm_pod(&sent, failing)).await;
+    let err = tokio::time::timeout(WAIT, preparing)
+        .await
+        .expect("gives up after the pull deadline")
+        .expect("task")
+        .expect_err("not ready");
+    assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
+    server
+        .expect(
+            Method::DELETE,
+            &pod_path(&sent.metadata.name.expect("named")),
+        )
+        .await
+        .respond(status_error(404, "NotFound"));
+}
+
+#[tokio::test]
+async fn the_pools_pre_pull_lists_become_the_cells_daemonset_on_the_runner_nodes() {
+    let cfg = KubeConfig {
+        node_selector: BTreeMap::from([("pool".to_owned(), "ci".to_owned())]),
+        ..config()
+    };
+    let mut pools = warm_pools(&["rust:1.83", "node:22"]);
+    pools.insert(
+        "small".into(),
+        PoolPods {
+            warm: None,
+            prepull: vec!["node:22".into(), "debian:12".into()],
+        },
+    );
+    let (_backend, mut server) = setup_with_pools(cfg.clone(), pools);
+    let (_watch, apply) = server.list_watch_and_prepull(&[]).await;
+    assert_eq!(apply.method, Method::PATCH);
+    assert!(
+        apply.query.contains("fieldManager=flotilla-agent") && apply.query.contains("force=true"),
+        "server-side apply: {}",
+        apply.query
+    );
+    let raw = apply.json();
+    assert_eq!(
+        (raw["apiVersion"].as_str(), raw["kind"].as_str()),
+        (Some("apps/v1"), Some("DaemonSet")),
+        "server-side apply needs both"
+    );
+    let ds: DaemonSet = serde_json::from_value(raw).expect("a DaemonSet");
+    let spec = ds
+        .spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    let pulled: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .skip(1)
+        .map(|c| c.image.as_deref().expect("image"))
+        .collect();
+    assert_eq!(
+        pulled,
+        ["rust:1.83", "node:22", "debian:12"],
+        "each image once"
+    );
+    assert_eq!(
+        spec.node_selector,
+        Some(cfg.node_selector.clone()),
+        "on the runner nodes"
+    );
+    assert_eq!(spec.runtime_class_name, cfg.runtime_class);
+    let labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap();
+    assert!(
+        !labels.contains_key(render::LABEL_CELL),
+        "not selected by the agent's pod watcher (it would delete them as strays)"
+    );
+    let pod = Pod {
+        metadata: Default::default(),
+        spec: Some(spec.clone()),
+        status: None,
+    };
+    assert_eq!(render::restricted_violations(&pod), Vec::<String>::new());
+    apply.respond(once(
+        StatusCode::OK,
+        serde_json::to_value(&ds).expect("json"),
+    ));
+    server.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_ready_warm_pod_that_dies_before_its_job_is_reported_lost_and_takes_no_job() {
+    let cfg = config();
+    let (backend, mut server) = setup_with_pools(cfg.clone(), warm_pools(&[]));
+    let (mut watch, prepull) = server.list_watch_and_prepull(&[]).await;
+    prepull.respond(status_error(404, "NotFound"));
+    let warm = backend.warm().expect("warm");
+    let preparing = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .warm()
+                .expect("warm")
+                .prepare("large", RunnerId(4))
+                .await
+        }
+    });
+    let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(4)).await;
+    watch
+        .push("MODIFIED", live_warm_pod(&sent, warm_running(true)))
+        .await;
+    preparing.await.expect("task").expect("ready");
+    assert!(warm.take_lost().is_empty(), "alive and well");
+    // The node goes: the pod is deleted under the agent.
+    watch
+        .push("DELETED", live_warm_pod(&sent, warm_running(false)))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let lost = loop {
+        let lost = warm.take_lost();
+        if !lost.is_empty() {
+            break lost;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reported lost"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lost, [("large".to_owned(), RunnerId(4))]);
+    assert!(warm.take_lost().is_empty(), "reported once");
+    assert!(
+        warm.start_on("large", RunnerId(4), job_assignment(24), Collector::new())
+            .await
+            .is_err(),
+        "a lost runner takes no job"
+    );
+    server.expect_silence(Duration::from_millis(150)).await;
+}

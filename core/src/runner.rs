@@ -51,6 +51,11 @@ pub struct Assignment {
     pub steps: Vec<Step>,
     /// Environment variables, in order (later entries win).
     pub env: Vec<(String, String)>,
+    /// Names of the variables in `env` whose values are secrets: the runner masks them (and
+    /// their encoded forms) in every line of output before it leaves the runner
+    /// (ARCHITECTURE §10, [`crate::mask`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// Longest the steps may run in total, counted from the start of the first step.
     pub timeout_secs: u64,
     /// Requested CPU and memory.
@@ -59,6 +64,18 @@ pub struct Assignment {
     pub pool: String,
     /// The code to check out into the workspace first; `None` runs in an empty workspace.
     pub checkout: Option<Checkout>,
+}
+
+impl Assignment {
+    /// The masker for this attempt's output: every value of a variable named in `secrets`.
+    pub fn masker(&self) -> crate::mask::Masker {
+        crate::mask::Masker::new(
+            self.env
+                .iter()
+                .filter(|(name, _)| self.secrets.iter().any(|s| s == name))
+                .map(|(_, value)| value.as_bytes()),
+        )
+    }
 }
 
 /// Which output stream a line came from.
@@ -229,6 +246,15 @@ pub trait RunnerBackend: Send + Sync + std::fmt::Debug + 'static {
 /// [`RunnerPool`](crate::autoscale::RunnerPool); the backend only creates, hands over and
 /// deletes them.
 pub trait WarmRunners: Send + Sync {
+    /// Whether a prepared runner of `pool` can run `assignment` (a warm pod runs the pool's
+    /// image at the pool's size: a job with another image, or asking for more, cannot use
+    /// it). An assignment that does not fit is started with [`RunnerBackend::start`] on a
+    /// runner of its own instead.
+    fn fits(&self, pool: &str, assignment: &Assignment) -> bool {
+        let _ = (pool, assignment);
+        true
+    }
+
     /// Creates runner `runner` for `pool` and resolves once it can take a job at once (a pod
     /// running with its image pulled, a sandbox ready), or with why it could not.
     fn prepare(&self, pool: &str, runner: RunnerId) -> BoxFuture<'_, Result<(), RunnerError>>;
@@ -243,6 +269,14 @@ pub trait WarmRunners: Send + Sync {
         assignment: Assignment,
         events: Arc<dyn RunnerEvents>,
     ) -> BoxFuture<'_, Result<(), RunnerError>>;
+
+    /// Prepared runners that died or were deleted while waiting for a job (a warm pod evicted
+    /// with its node, deleted by hand) since the last call, as `(pool, runner)`: the agent
+    /// stops counting them and makes new ones as the policy asks. Backends whose idle runners
+    /// cannot die have none.
+    fn take_lost(&self) -> Vec<(String, RunnerId)> {
+        Vec::new()
+    }
 
     /// Phase two of scale-down: deletes `runner` of `pool` if it is still idle (`Ok(None)`; also when
     /// it is already gone), or leaves it alone and says which job it is running

@@ -623,3 +623,184 @@ async fn a_warm_pool_runs_jobs_on_ready_runners_scales_with_the_workload_and_ret
     );
     c.shutdown().await;
 }
+
+/// The local backend with a warm pool whose runners take only `debian:12` jobs, as a
+/// kubernetes warm pool takes only its image; it notes how each job was started.
+#[derive(Debug)]
+struct Picky {
+    local: LocalBackend,
+    started: std::sync::Mutex<Vec<(String, Assignment)>>,
+    /// The first warm runner handed a job turns out dead (a warm pod evicted while idle).
+    die_once: std::sync::atomic::AtomicBool,
+}
+
+impl RunnerBackend for Picky {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+    fn start(
+        &self,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        self.started
+            .lock()
+            .unwrap()
+            .push(("cold".into(), assignment.clone()));
+        self.local.start(assignment, events)
+    }
+    fn cancel(&self, job: JobId, fence: Fence) -> BoxFuture<'_, Result<(), RunnerError>> {
+        self.local.cancel(job, fence)
+    }
+    fn list(&self) -> BoxFuture<'_, Result<Vec<RunnerInfo>, RunnerError>> {
+        self.local.list()
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.local.shutdown()
+    }
+    fn warm(&self) -> Option<&dyn flotilla_core::runner::WarmRunners> {
+        Some(self)
+    }
+}
+
+impl flotilla_core::runner::WarmRunners for Picky {
+    fn fits(&self, _pool: &str, assignment: &Assignment) -> bool {
+        assignment.image == "debian:12"
+    }
+    fn prepare(
+        &self,
+        pool: &str,
+        runner: flotilla_core::autoscale::RunnerId,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        self.local
+            .warm()
+            .expect("local has warm runners")
+            .prepare(pool, runner)
+    }
+    fn start_on(
+        &self,
+        pool: &str,
+        runner: flotilla_core::autoscale::RunnerId,
+        assignment: Assignment,
+        events: Arc<dyn RunnerEvents>,
+    ) -> BoxFuture<'_, Result<(), RunnerError>> {
+        let warm = self.local.warm().expect("local has warm runners");
+        if self.die_once.swap(false, Ordering::Relaxed) {
+            let pool = pool.to_owned();
+            return Box::pin(async move {
+                let _ = warm.retire(&pool, runner).await;
+                Err(RunnerError::Unavailable("the warm runner died".into()))
+            });
+        }
+        self.started
+            .lock()
+            .unwrap()
+            .push(("warm".into(), assignment.clone()));
+        warm.start_on(pool, runner, assignment, events)
+    }
+    fn retire(
+        &self,
+        pool: &str,
+        runner: flotilla_core::autoscale::RunnerId,
+    ) -> BoxFuture<'_, Result<Option<JobId>, RunnerError>> {
+        self.local
+            .warm()
+            .expect("local has warm runners")
+            .retire(pool, runner)
+    }
+}
+
+const TWO_IMAGES: &str = r#"version: 1
+on: { push: { branches: [main] } }
+defaults: { image: "debian:12", resources: { cpu: "500m", memory: 512Mi } }
+jobs:
+  fits: { run: "echo fits-done" }
+  other: { image: "node:22", run: "echo other-done", resources: { cpu: "8", memory: 1Gi } }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_warm_runners_cannot_take_starts_cold_a_dead_runner_is_replaced_and_every_job_gets_at_least_the_pools_runner_size()
+ {
+    use flotilla_core::autoscale::Policy;
+    use flotilla_core::pipeline::Resources;
+    let c = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new(dir.path());
+    let sha = repo.commit("main", &[(".ci.yaml", TWO_IMAGES)]);
+    c.project("web", &repo.url(), "github").await;
+    let backend = Arc::new(Picky {
+        local: LocalBackend::new(LocalConfig::new(dir.path().join("picky-cell"))).unwrap(),
+        started: Default::default(),
+        die_once: true.into(),
+    });
+    let mut config = AgentConfig::new(
+        CellId::new("picky-cell").unwrap(),
+        vec![c.cells_addr(0)],
+        AgentAuth::Token(CELL_TOKEN.into()),
+        c.logs_dir(),
+    );
+    config.autoscale = [(
+        "default".to_owned(),
+        Policy {
+            min: 1,
+            max: 4,
+            floor: None,
+            ..Policy::default()
+        },
+    )]
+    .into();
+    config.pools = [("default".to_owned(), 4)].into();
+    let runner_size = Resources {
+        cpu_millis: 2000,
+        memory_bytes: 4 << 30,
+    };
+    config.pool_resources = [("default".to_owned(), runner_size)].into();
+    config.autoscale_interval = Duration::from_millis(100);
+    let agent = Agent::start(config, backend.clone());
+    wait_connected(&c, &["picky-cell"]).await;
+    let (status, ack) = github_push(&c, 0, "web", "d-picky", &push_payload("main", &sha))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{ack}");
+    let id = ack["build_id"].as_str().unwrap().to_owned();
+    let build = finished_build(&c, &id, Duration::from_secs(30)).await;
+    assert_eq!(build["status"], "succeeded", "{build}");
+    assert!(
+        logs(&c, &job_id(&build, "other"))
+            .await
+            .contains("other-done")
+    );
+    let started = backend.started.lock().unwrap().clone();
+    let how = |name: &str| {
+        started
+            .iter()
+            .find(|(_, a)| a.name == name)
+            .unwrap_or_else(|| panic!("{name} never started: {started:?}"))
+            .clone()
+    };
+    let (path, fits) = how("fits");
+    assert_eq!(path, "warm", "the job the warm runners take runs on one");
+    assert_eq!(
+        job(&c, &job_id(&build, "fits")).await["attempt"],
+        1,
+        "a runner found dead when its job came is replaced, not the job failed"
+    );
+    assert_eq!(agent.stats().runners_lost.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        fits.resources, runner_size,
+        "a small job gets a whole runner"
+    );
+    let (path, other) = how("other");
+    assert_eq!(path, "cold", "another image starts on a runner of its own");
+    assert_eq!(
+        other.resources,
+        Resources {
+            cpu_millis: 8000,
+            memory_bytes: 4 << 30
+        },
+        "more than the pool's size where the job asks for more, the pool's size elsewhere"
+    );
+    assert_eq!(agent.stats().cold_starts.load(Ordering::Relaxed), 1);
+    agent.shutdown().await;
+    c.shutdown().await;
+}

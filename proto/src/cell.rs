@@ -52,6 +52,7 @@ pub fn assign_to_pb(a: &Assignment, lease_ttl_ms: u64) -> pb::Assign {
             .map(|(name, value)| pb::EnvVar {
                 name: name.clone(),
                 value: value.clone(),
+                secret: a.secrets.contains(name),
             })
             .collect(),
         timeout_secs: a.timeout_secs,
@@ -89,6 +90,16 @@ pub fn assign_from_pb(m: pb::Assign) -> Result<Assignment, InvalidMessage> {
                 run: s.run,
             })
             .collect(),
+        secrets: {
+            let mut names: Vec<String> = m
+                .env
+                .iter()
+                .filter(|e| e.secret)
+                .map(|e| e.name.clone())
+                .collect();
+            names.dedup();
+            names
+        },
         env: m.env.into_iter().map(|e| (e.name, e.value)).collect(),
         timeout_secs: m.timeout_secs,
         resources: Resources {
@@ -255,7 +266,12 @@ mod tests {
                 name: "build".into(),
                 run: "cargo build".into(),
             }],
-            env: vec![("A".into(), "1".into()), ("A".into(), "2".into())],
+            env: vec![
+                ("A".into(), "1".into()),
+                ("A".into(), "2".into()),
+                ("TOKEN".into(), "s3cret".into()),
+            ],
+            secrets: vec!["TOKEN".into()],
             timeout_secs: 600,
             resources: Resources {
                 cpu_millis: 1500,

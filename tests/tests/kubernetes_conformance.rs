@@ -152,6 +152,8 @@ struct State {
     pods: BTreeMap<String, PodEntry>,
     secrets: BTreeMap<String, Secret>,
     watchers: Vec<mpsc::Sender<Bytes>>,
+    /// Warm pods get addresses 127.0.0.11 and up, so each one's standby has its own.
+    next_ip: u32,
 }
 
 /// The fake cluster: API server and kubelet.
@@ -247,6 +249,52 @@ impl FakeCluster {
                     None => status(404, "NotFound", "no such secret"),
                 }
             }
+            (&Method::PATCH, _) if rest(&secrets).is_some() => {
+                // A merge patch of `data` (the warm pod hand-off records the job).
+                let name = rest(&secrets).expect("checked");
+                let patch: Secret = serde_json::from_slice(&body).expect("a Secret patch");
+                let mut state = self.lock();
+                let Some(secret) = state.secrets.get_mut(name) else {
+                    return status(404, "NotFound", "no such secret");
+                };
+                secret
+                    .data
+                    .get_or_insert_default()
+                    .extend(patch.data.unwrap_or_default());
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&*secret).expect("json"),
+                )
+            }
+            (&Method::PATCH, _) if rest(&pods).is_some() => {
+                // A merge patch of labels and annotations (the deadline is not enforced).
+                let name = rest(&pods).expect("checked").to_owned();
+                let patch: Value = serde_json::from_slice(&body).expect("JSON");
+                if !self.lock().pods.contains_key(&name) {
+                    return status(404, "NotFound", "no such pod");
+                }
+                self.update(&name, |p| {
+                    for (field, map) in [
+                        ("labels", &mut p.metadata.labels),
+                        ("annotations", &mut p.metadata.annotations),
+                    ] {
+                        if let Some(obj) = patch["metadata"][field].as_object() {
+                            let map = map.get_or_insert_default();
+                            for (k, v) in obj {
+                                map.insert(k.clone(), v.as_str().unwrap_or_default().to_owned());
+                            }
+                        }
+                    }
+                    if let Some(d) = patch["spec"]["activeDeadlineSeconds"].as_i64() {
+                        p.spec.get_or_insert_default().active_deadline_seconds = Some(d);
+                    }
+                });
+                let pod = self.lock().pods.get(&name).map(|e| e.pod.clone());
+                json_response(StatusCode::OK, &serde_json::to_value(pod).expect("json"))
+            }
+            (&Method::DELETE, p) if p.starts_with("/apis/apps/v1/") => {
+                status(404, "NotFound", "no pre-pull DaemonSet here")
+            }
             (&Method::GET, _) if rest(&pods).is_some_and(|r| r.ends_with("/log")) => {
                 let name = rest(&pods).expect("checked").trim_end_matches("/log");
                 assert!(
@@ -326,7 +374,13 @@ impl FakeCluster {
             },
         );
         Self::emit(&mut state, "ADDED", &pod);
-        tokio::spawn(self.clone().kubelet(name, deleted));
+        if render::is_warm(&pod) {
+            state.next_ip += 1;
+            let ip = format!("127.0.0.{}", 10 + state.next_ip);
+            tokio::spawn(self.clone().warm_kubelet(name, ip, deleted));
+        } else {
+            tokio::spawn(self.clone().kubelet(name, deleted));
+        }
         json_response(
             StatusCode::CREATED,
             &serde_json::to_value(pod).expect("json"),
@@ -335,17 +389,16 @@ impl FakeCluster {
 
     /// Runs one pod: waits for its Secret, runs the init containers that do work (install is
     /// mapped, not copied), then the job container; honours deletion; removes the pod.
-    async fn kubelet(self, name: String, mut deleted: watch::Receiver<Option<Duration>>) {
-        let dir = self.pod_dir(&name);
-        let pod = self
-            .lock()
-            .pods
-            .get(&name)
-            .map(|e| e.pod.clone())
-            .expect("pod");
-        let pod_spec = pod.spec.clone().expect("spec");
-        // Volumes: a directory each; Secret volumes filled with their items once the
-        // Secret exists (the kubelet retries the mount until then).
+    /// Makes the pod's volumes (a directory each; Secret volumes filled with their items
+    /// once the Secret exists, as the kubelet retries the mount until then). `false` when
+    /// the pod was deleted first.
+    async fn mount_volumes(
+        &self,
+        name: &str,
+        pod_spec: &k8s_openapi::api::core::v1::PodSpec,
+        deleted: &watch::Receiver<Option<Duration>>,
+    ) -> bool {
+        let dir = self.pod_dir(name);
         for volume in pod_spec.volumes.iter().flatten() {
             let vdir = dir.join(&volume.name);
             std::fs::create_dir_all(&vdir).expect("volume dir");
@@ -355,7 +408,7 @@ impl FakeCluster {
             let secret_name = source.secret_name.clone().expect("secret name");
             let data = loop {
                 if deleted.borrow().is_some() {
-                    return self.remove(&name);
+                    return false;
                 }
                 if let Some(s) = self.lock().secrets.get(&secret_name) {
                     break s.data.clone().expect("data");
@@ -366,11 +419,125 @@ impl FakeCluster {
                 std::fs::write(vdir.join(&item.path), &data[&item.key].0).expect("secret item");
             }
         }
+        true
+    }
+
+    /// Sets one container's state in the pod's status.
+    fn container_state(&self, name: &str, container: &str, state: ContainerState) {
+        self.update(name, |p| {
+            let statuses = p
+                .status
+                .get_or_insert_default()
+                .container_statuses
+                .get_or_insert_default();
+            statuses.retain(|c| c.name != container);
+            statuses.push(ContainerStatus {
+                name: container.to_owned(),
+                ready: state.running.is_some(),
+                started: Some(state.running.is_some()),
+                state: Some(state),
+                ..ContainerStatus::default()
+            });
+        });
+    }
+
+    /// Runs a warm pod: its standby and job containers side by side, on `ip`; Ready once the
+    /// standby answers on its port. The phase follows the job container.
+    async fn warm_kubelet(
+        self,
+        name: String,
+        ip: String,
+        mut deleted: watch::Receiver<Option<Duration>>,
+    ) {
+        let pod = self
+            .lock()
+            .pods
+            .get(&name)
+            .map(|e| e.pod.clone())
+            .expect("pod");
+        let pod_spec = pod.spec.clone().expect("spec");
+        if !self.mount_volumes(&name, &pod_spec, &deleted).await {
+            return self.remove(&name);
+        }
+        self.update(&name, |p| {
+            let s = p.status.get_or_insert_default();
+            s.phase = Some("Running".into());
+            s.pod_ip = Some(ip.clone());
+        });
+        let standby = pod_spec
+            .containers
+            .iter()
+            .find(|c| c.name == render::STANDBY_CONTAINER)
+            .expect("a standby container")
+            .clone();
+        let job = pod_spec
+            .containers
+            .iter()
+            .find(|c| c.name == render::JOB_CONTAINER)
+            .expect("a job container")
+            .clone();
+        let port = standby.ports.as_ref().expect("ports")[0].container_port;
+        let log = self
+            .lock()
+            .pods
+            .get(&name)
+            .map(|e| e.log.clone())
+            .expect("pod");
+        let probe = {
+            let this = self.clone();
+            let (name, addr) = (name.clone(), format!("{ip}:{port}"));
+            tokio::spawn(async move {
+                while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                this.update(&name, |p| {
+                    p.status.get_or_insert_default().conditions =
+                        Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                            type_: "Ready".into(),
+                            status: "True".into(),
+                            ..Default::default()
+                        }]);
+                });
+            })
+        };
+        let mut deleted_too = deleted.clone();
+        let ((s_code, s_message), (code, message)) = tokio::join!(
+            self.run_container(&name, &standby, None, Some(&ip), &mut deleted_too),
+            self.run_container(&name, &job, Some(log.clone()), Some(&ip), &mut deleted),
+        );
+        probe.abort();
+        log.close();
+        for (c, code, message) in [
+            (&standby.name, s_code, s_message),
+            (&job.name, code, message.clone()),
+        ] {
+            self.container_state(&name, c, terminated_state(code, message));
+        }
+        self.update(&name, |p| {
+            let s = p.status.get_or_insert_default();
+            s.phase = Some(if code == 0 { "Succeeded" } else { "Failed" }.into());
+        });
+        self.finish_deletion(&name, &mut deleted).await;
+    }
+
+    async fn kubelet(self, name: String, mut deleted: watch::Receiver<Option<Duration>>) {
+        let pod = self
+            .lock()
+            .pods
+            .get(&name)
+            .map(|e| e.pod.clone())
+            .expect("pod");
+        let pod_spec = pod.spec.clone().expect("spec");
+        if !self.mount_volumes(&name, &pod_spec, &deleted).await {
+            return self.remove(&name);
+        }
         for init in pod_spec.init_containers.iter().flatten() {
             if init.name == render::INSTALL_CONTAINER {
                 continue; // /flotilla/bin/flotilla is mapped to the binary under test.
             }
-            let (code, message) = self.run_container(&name, init, None, &mut deleted).await;
+            let (code, message) = self
+                .run_container(&name, init, None, None, &mut deleted)
+                .await;
             let state = ContainerStatus {
                 name: init.name.clone(),
                 state: Some(ContainerState {
@@ -405,7 +572,7 @@ impl FakeCluster {
             .map(|e| e.log.clone())
             .expect("pod");
         let (code, message) = self
-            .run_container(&name, job, Some(log.clone()), &mut deleted)
+            .run_container(&name, job, Some(log.clone()), None, &mut deleted)
             .await;
         log.close();
         self.update(&name, |p| {
@@ -448,12 +615,14 @@ impl FakeCluster {
     }
 
     /// Runs a container's command on this machine with the pod's volumes mapped to its
-    /// directories; returns the exit code and the termination message.
+    /// directories; returns the exit code and the termination message. A warm pod's
+    /// containers (`ip` given) listen on the pod's own address instead of `0.0.0.0`.
     async fn run_container(
         &self,
         name: &str,
         c: &Container,
         log: Option<Arc<Log>>,
+        ip: Option<&str>,
         deleted: &mut watch::Receiver<Option<Duration>>,
     ) -> (i32, Option<String>) {
         let dir = self.pod_dir(name);
@@ -475,6 +644,9 @@ impl FakeCluster {
             mounts.push((m.mount_path.clone(), dir.join(&m.name)));
         }
         let map = |arg: &str| -> String {
+            if let (Some(ip), Some(port)) = (ip, arg.strip_prefix("0.0.0.0:")) {
+                return format!("{ip}:{port}");
+            }
             for (inside, outside) in &mounts {
                 if let Some(rest) = arg.strip_prefix(inside.as_str())
                     && (rest.is_empty() || rest.starts_with('/'))
@@ -500,23 +672,20 @@ impl FakeCluster {
         }
         let mut child = cmd.spawn().expect("start the container's command");
         let pid = child.id().expect("pid");
-        if log.is_some() {
+        if log.is_some() || ip.is_some() {
             self.update(name, |p| {
-                let s = p.status.get_or_insert_default();
-                s.phase = Some("Running".into());
-                s.container_statuses = Some(vec![ContainerStatus {
-                    name: c.name.clone(),
-                    ready: true,
-                    started: Some(true),
-                    state: Some(ContainerState {
-                        running: Some(ContainerStateRunning {
-                            started_at: Some(now()),
-                        }),
-                        ..ContainerState::default()
-                    }),
-                    ..ContainerStatus::default()
-                }]);
+                p.status.get_or_insert_default().phase = Some("Running".into());
             });
+            self.container_state(
+                name,
+                &c.name,
+                ContainerState {
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(now()),
+                    }),
+                    ..ContainerState::default()
+                },
+            );
         }
         let pipes = [
             child
@@ -559,8 +728,14 @@ impl FakeCluster {
                 }
             }
         };
-        // The container is gone: so is every process still in it.
-        kill_container(pid, &dir);
+        // The container is gone: so is every process still in it. (A warm pod's two
+        // containers share the pod's directory: there, only this container's process tree.)
+        let scope = if ip.is_some() {
+            Path::new("/nonexistent")
+        } else {
+            dir.as_path()
+        };
+        kill_container(pid, scope);
         for r in readers {
             let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
         }
@@ -733,5 +908,172 @@ struct KillOnDrop(FakeCluster);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         self.0.kill_everything();
+    }
+}
+
+fn terminated_state(code: i32, message: Option<String>) -> ContainerState {
+    ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: code,
+            reason: Some(if code == 0 { "Completed" } else { "Error" }.into()),
+            message,
+            finished_at: Some(now()),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    }
+}
+
+/// A port free on this machine for the warm pods' standby (each pod listens on its own
+/// loopback address, all on this port).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pod_is_ready_before_its_job_then_checks_it_out_and_runs_it_with_the_real_wrapper() {
+    use flotilla_cell_agent::backend::kubernetes::{PoolPods, WarmPods};
+    use flotilla_core::autoscale::RunnerId;
+    use flotilla_core::job::Outcome;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pods_root = tmp.path().join("pods");
+    std::fs::create_dir_all(&pods_root).expect("dir");
+    let repo_root = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo_root).expect("dir");
+    let repo = conformance::two_commit_repository(&repo_root);
+    let _ = flotilla_bin();
+    let cluster = FakeCluster::new(pods_root);
+    let _cleanup = KillOnDrop(cluster.clone());
+    let service = tower::service_fn({
+        let cluster = cluster.clone();
+        move |req: Request<kube::client::Body>| {
+            let cluster = cluster.clone();
+            async move { Ok::<_, Infallible>(cluster.handle(req).await) }
+        }
+    });
+    let cfg = KubeConfig {
+        namespace: NS.into(),
+        cancel_grace: Duration::from_secs(5),
+        standby_port: free_port(),
+        ..KubeConfig::default()
+    };
+    let mut a = conformance::assignment(
+        JobId(77),
+        Fence(5),
+        &[&format!("cat '{}'", repo.file), "echo warm-done"],
+    );
+    a.checkout = Some(repo.checkout.clone());
+    a.pool = "large".into();
+    let pools = BTreeMap::from([(
+        "large".to_owned(),
+        PoolPods {
+            warm: Some(WarmPods {
+                image: a.image.clone(),
+                resources: a.resources,
+            }),
+            prepull: Vec::new(),
+        },
+    )]);
+    let backend = KubeBackend::with_pools(
+        kube::Client::new(service, NS),
+        cfg,
+        CellId::new("fake").expect("cell"),
+        pools,
+    )
+    .expect("backend");
+    let warm = backend.warm().expect("warm runners");
+    assert!(warm.fits("large", &a));
+    tokio::time::timeout(Duration::from_secs(60), warm.prepare("large", RunnerId(1)))
+        .await
+        .expect("the warm pod gets ready")
+        .expect("ready");
+    let pods: Vec<Pod> = cluster
+        .lock()
+        .pods
+        .values()
+        .map(|e| e.pod.clone())
+        .collect();
+    assert_eq!(pods.len(), 1, "one warm pod");
+    assert!(
+        pods[0]
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| !l.contains_key(render::LABEL_JOB)),
+        "no job yet"
+    );
+
+    let events = conformance::Collector::new();
+    let sink: Arc<dyn flotilla_core::runner::RunnerEvents> = events.clone();
+    warm.start_on("large", RunnerId(1), a.clone(), sink)
+        .await
+        .expect("handed over");
+    let (all, outcome) = events
+        .wait_finished(a.job, a.fence, Duration::from_secs(60))
+        .await;
+    assert_eq!(outcome, Outcome::Succeeded, "{all:#?}");
+    let lines: Vec<String> = conformance::output_lines(&all)
+        .into_iter()
+        .map(|(_, _, t)| t)
+        .collect();
+    assert!(
+        lines.contains(&repo.contents) && lines.contains(&"warm-done".to_owned()),
+        "the steps ran in the checked-out commit: {lines:?}"
+    );
+    let started = all
+        .iter()
+        .position(|e| matches!(e, flotilla_core::runner::RunnerEvent::Started { .. }))
+        .expect("started");
+    let first_output = all
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                flotilla_core::runner::RunnerEvent::Line {
+                    stream: flotilla_core::runner::Stream::Stdout,
+                    ..
+                }
+            )
+        })
+        .expect("output");
+    assert!(
+        started < first_output,
+        "started before the steps' output: {all:#?}"
+    );
+    let pod = cluster
+        .lock()
+        .pods
+        .values()
+        .next()
+        .map(|e| e.pod.clone())
+        .expect("kept until reported");
+    let labels = pod.metadata.labels.expect("labels");
+    assert_eq!(
+        labels[render::LABEL_JOB],
+        "77",
+        "the pod carries its job's labels"
+    );
+    assert_eq!(labels[render::LABEL_FENCE], "5");
+    backend.reported(a.job, a.fence);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cluster.lock().pods.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the used warm pod is deleted: {:#?}",
+            cluster
+                .lock()
+                .pods
+                .values()
+                .map(|e| (
+                    e.pod.metadata.name.clone(),
+                    e.pod.metadata.deletion_timestamp.clone(),
+                    e.pod.status.clone()
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -237,6 +237,7 @@ pub fn assignment(job: JobId, fence: Fence, scripts: &[&str]) -> Assignment {
             })
             .collect(),
         env: Vec::new(),
+        secrets: Vec::new(),
         timeout_secs: 120,
         resources: Resources {
             cpu_millis: 500,
@@ -402,7 +403,97 @@ pub async fn run_all(h: &dyn Harness) {
     a_second_start_is_refused_and_a_newer_fence_replaces_the_older(h).await;
     checks_out_the_commit(h).await;
     a_failed_checkout_is_an_infra_failure(h).await;
+    secrets_are_masked_in_every_form_a_job_prints_them(h).await;
     shutdown_cancels_everything_and_refuses_new_work(h).await;
+}
+
+/// The masking red team (ARCHITECTURE §10): a job prints its secret raw, with a prefix and
+/// suffix, base64'd with and without padding and inside a larger base64 blob, URL-encoded,
+/// JSON-escaped, split across two writes, on stderr and through `env`. Each step prints one
+/// line, and every one comes out masked.
+pub async fn secrets_are_masked_in_every_form_a_job_prints_them(h: &dyn Harness) {
+    const SECRET: &str = "Sup3r\"s3cret/Value+42 x";
+    let url: String = SECRET
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let json = serde_json::to_string(SECRET).expect("a string");
+    let json = &json[1..json.len() - 1];
+    let cases: [(&str, String); 10] = [
+        ("raw", r#"printf '%s\n' "$SECRET_TOKEN""#.to_owned()),
+        (
+            "around",
+            r#"printf 'before-%s-after\n' "$SECRET_TOKEN""#.to_owned(),
+        ),
+        (
+            "base64",
+            r#"printf '%s' "$SECRET_TOKEN" | base64 -w0; echo"#.to_owned(),
+        ),
+        (
+            "base64 unpadded",
+            r#"printf '%s' "$SECRET_TOKEN" | base64 -w0 | tr -d '='; echo"#.to_owned(),
+        ),
+        (
+            "inside base64",
+            r#"printf 'ab%sz' "$SECRET_TOKEN" | base64 -w0; echo"#.to_owned(),
+        ),
+        ("url", format!("printf '%s\\n' '{url}'")),
+        ("json", format!("printf '%s\\n' '{json}'")),
+        (
+            "split",
+            r#"printf '%s' "${SECRET_TOKEN:0:9}"; sleep 0.3; printf '%s\n' "${SECRET_TOKEN:9}""#
+                .to_owned(),
+        ),
+        ("stderr", r#"printf '%s\n' "$SECRET_TOKEN" >&2"#.to_owned()),
+        ("env", "env | grep '^SECRET_TOKEN='".to_owned()),
+    ];
+    let (job, fence) = (JobId(1301), Fence(1));
+    let scripts: Vec<&str> = cases.iter().map(|(_, s)| s.as_str()).collect();
+    let mut a = assignment(job, fence, &scripts);
+    a.env = vec![("SECRET_TOKEN".into(), SECRET.into())];
+    a.secrets = vec!["SECRET_TOKEN".into()];
+    let events = Collector::new();
+    start(h, a, &events).await;
+    let (all, outcome) = events.wait_finished(job, fence, FINISH_WITHIN).await;
+    assert_eq!(outcome, Outcome::Succeeded, "events: {all:#?}");
+    let lines = output_lines(&all);
+    for (step, (what, _)) in cases.iter().enumerate() {
+        let printed: Vec<&str> = lines
+            .iter()
+            .filter(|(_, s, _)| *s == Some(step as u32))
+            .map(|(_, _, t)| t.as_str())
+            .collect();
+        let [line] = printed[..] else {
+            panic!("{what}: one line expected, got {printed:?}");
+        };
+        let expected = match *what {
+            "around" => "before-***-after",
+            "env" => "SECRET_TOKEN=***",
+            // The blob's first and last characters also encode the bytes around the secret.
+            "inside base64" => {
+                let shown = line.replace("***", "");
+                assert!(
+                    line.contains("***") && shown.len() <= 6,
+                    "{what}: more than the neighbours' characters shown: {line:?}"
+                );
+                continue;
+            }
+            _ => "***",
+        };
+        assert_eq!(line, expected, "{what}");
+    }
+    for (stream, _, text) in &lines {
+        assert!(
+            !text.contains(SECRET) && !text.contains("s3cret"),
+            "a secret leaked on {stream:?}: {text:?}"
+        );
+    }
 }
 
 /// `Started` comes before any output, each stream's lines arrive in order with the right

@@ -77,7 +77,7 @@ pub async fn run_in_place(
     events: Arc<dyn RunnerEvents>,
     stop: watch::Receiver<bool>,
 ) -> Outcome {
-    let emitter = Emitter::new(assignment.job, assignment.fence, events);
+    let emitter = Emitter::new(assignment, events);
     let outcome = attempt::in_place(assignment, workspace, &emitter, stop.into()).await;
     emitter.finished(outcome);
     outcome

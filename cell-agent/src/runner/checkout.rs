@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::job::{FailureClass, InfraReason, Outcome};
-use flotilla_core::runner::Checkout;
+use flotilla_core::runner::{Assignment, Checkout};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::exec::{RecordSink, Signals, read_spec, write_termination};
-use super::record::exit_code_for;
+use super::record::{PROTOCOL_VERSION, Termination, exit_code_for};
 use crate::backend::local::{
     Bounds, CheckoutError, git, valid_ref, valid_sha, without_credentials,
 };
@@ -59,22 +59,70 @@ pub async fn checkout<W: Write + Send + 'static>(opts: &CheckoutOptions, out: W)
     // Held here until the end: a dropped sender would count as a stop.
     let stop_tx = Arc::new(stop_tx);
     let signals = Signals::listen(&sink, &stop_tx);
-    let mut stop = stop_rx.into();
+    let spec = read_spec(&opts.spec).await;
+    let target = Target {
+        workspace: &opts.workspace,
+        termination_log: opts.termination_log.as_deref(),
+        timeout: opts.timeout,
+    };
+    let termination = checkout_assignment(
+        spec.as_ref().map_err(String::as_str),
+        &target,
+        stop_rx,
+        signals.as_ref(),
+        &sink,
+    )
+    .await;
+    drop(signals);
+    drop(stop_tx);
+    exit_code_for(termination.outcome)
+}
 
-    let result = match read_spec(&opts.spec).await {
-        Err(why) => Err(CheckoutError::Failed(why)),
+/// Where a checkout goes, where its outcome is written, and how long it may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Target<'a> {
+    /// The directory to check the code out into; created when missing.
+    pub(super) workspace: &'a Path,
+    /// Where to write the [`Termination`]; `None` writes none.
+    pub(super) termination_log: Option<&'a Path>,
+    /// Longest the whole checkout may take.
+    pub(super) timeout: Duration,
+}
+
+/// The checkout of `assignment` (or, for `Err`, the report of why there is none to run),
+/// shared by `flotilla runner checkout`, which reads the assignment from its spec file, and
+/// `flotilla runner standby`, which is sent it and must never write its clone URL to disk.
+///
+/// Writes system lines to `sink` and the [`Termination`] to the target's termination log
+/// (none for a job without a checkout, which leaves the workspace alone), and returns that
+/// termination: its outcome decides the exit status. `stop` (fired by `true` or by dropping
+/// its sender) cancels the checkout; `signals` names what fired it in the message.
+pub(super) async fn checkout_assignment<W: Write>(
+    assignment: Result<&Assignment, &str>,
+    target: &Target<'_>,
+    stop: watch::Receiver<bool>,
+    signals: Option<&Signals>,
+    sink: &RecordSink<W>,
+) -> Termination {
+    let mut stop = stop.into();
+    let result = match assignment {
+        Err(why) => Err(CheckoutError::Failed(why.to_owned())),
         Ok(assignment) => match &assignment.checkout {
             None => {
                 sink.system("nothing to check out: the job has no repository");
-                return 0;
+                return Termination {
+                    v: PROTOCOL_VERSION,
+                    outcome: Outcome::Succeeded,
+                    message: None,
+                };
             }
             Some(checkout) => {
                 let mut bounds = Bounds {
                     stop: &mut stop,
-                    deadline: deadline_after(opts.timeout),
-                    timeout_secs: opts.timeout.as_secs(),
+                    deadline: deadline_after(target.timeout),
+                    timeout_secs: target.timeout.as_secs(),
                 };
-                fetch(checkout, &opts.workspace, &mut bounds, &sink).await
+                fetch(checkout, target.workspace, &mut bounds, sink).await
             }
         },
     };
@@ -86,7 +134,7 @@ pub async fn checkout<W: Write + Send + 'static>(opts: &CheckoutOptions, out: W)
         ),
         Err(CheckoutError::Cancelled) => (
             Outcome::Failed(FailureClass::Cancelled),
-            Some(match signals.as_ref().and_then(Signals::caught) {
+            Some(match signals.and_then(Signals::caught) {
                 Some(signal) => format!("the checkout was cancelled by {signal}"),
                 None => "the checkout was cancelled".to_owned(),
             }),
@@ -98,14 +146,16 @@ pub async fn checkout<W: Write + Send + 'static>(opts: &CheckoutOptions, out: W)
             Some(format!("checkout failed: {e}")),
         ),
     };
-    drop(signals);
-    drop(stop_tx);
     let message = message.map(|m| one_line(&m));
     if let Some(message) = &message {
         sink.system(message.clone());
     }
-    write_termination(&sink, opts.termination_log.as_deref(), outcome, message);
-    exit_code_for(outcome)
+    write_termination(sink, target.termination_log, outcome, message.clone());
+    Termination {
+        v: PROTOCOL_VERSION,
+        outcome,
+        message,
+    }
 }
 
 /// The checkout itself; every error message is free of the URL's credentials.

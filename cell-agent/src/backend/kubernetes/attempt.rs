@@ -9,7 +9,7 @@ use flotilla_core::job::{FailureClass, InfraReason, Outcome};
 use flotilla_core::runner::{Assignment, RunnerEvent, RunnerEvents, Stream};
 use futures::{AsyncBufReadExt as _, Stream as FuturesStream, StreamExt as _};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, LogParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -50,17 +50,34 @@ pub(super) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether the task creates the pod or takes over one that exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the task comes by its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Mode {
+    /// Creates the attempt's own pod.
     Create,
-    Adopt,
+    /// Takes over a pod a previous agent left; for a warm pod, with its standby token, to
+    /// send the job again in case that agent stopped before the standby had it.
+    Adopt { token: Option<String> },
+    /// Gives the job to a prepared warm pod whose standby accepts `token`.
+    Handoff { token: String },
 }
+
+/// How long a warm pod's standby has to accept its job (it is Ready when handed one; this
+/// covers a slow network or a restarting agent).
+const HANDOFF_WITHIN: Duration = Duration::from_secs(30);
+/// Added to the checkout's time limit for a warm pod's steps to begin after the hand-off.
+const START_SLACK: Duration = Duration::from_secs(60);
+/// Pause between tries at sending a warm pod its job.
+const HANDOFF_RETRY: Duration = Duration::from_millis(500);
 
 type Lines = Pin<Box<dyn FuturesStream<Item = std::io::Result<String>> + Send>>;
 
 pub(super) struct Task {
     pub(super) inner: Arc<Inner>,
+    /// The pod's name: derived from the attempt, or a warm pod's.
+    pub(super) name: String,
+    /// Whether the pod is a warm pod (its job container ran before the job arrived).
+    pub(super) warm: bool,
     pub(super) assignment: Assignment,
     pub(super) events: Arc<dyn RunnerEvents>,
     pub(super) view: watch::Receiver<PodView>,
@@ -99,12 +116,40 @@ impl Task {
     pub(super) async fn run(mut self, mode: Mode) {
         let a = &self.assignment;
         let (job, fence) = (a.job, a.fence);
-        let name = render::pod_name(a);
-        if mode == Mode::Create
-            && let Err(ending) = self.create(&name).await
-        {
-            self.finish(&name, ending, false);
-            return;
+        let name = self.name.clone();
+        // A warm pod's steps must begin by then (the standby's checkout has its own limit).
+        let mut start_by: Option<Instant> = None;
+        match mode {
+            Mode::Create => {
+                if let Err(ending) = self.create(&name).await {
+                    self.finish(&name, ending, false);
+                    return;
+                }
+            }
+            Mode::Handoff { token } => {
+                if let Err(ending) = self.handoff(&name, &token).await {
+                    // The pod may hold a half-given job: it goes once this is reported.
+                    self.finish(&name, ending, true);
+                    return;
+                }
+                start_by = Some(Instant::now() + self.inner.cfg.checkout_timeout + START_SLACK);
+            }
+            Mode::Adopt { token: Some(token) } => {
+                // The previous agent may have stopped between labelling the pod and the
+                // standby taking the job. Sent again only while the standby still runs (the
+                // standby accepts the same job twice); once it has gone, what listens on its
+                // port is job code, which gets nothing anyway (the job is sealed).
+                if standby_running(&self.view.borrow()) {
+                    match self.send_job(&name, &token).await {
+                        Ok(()) => {}
+                        Err(why) => {
+                            tracing::debug!(pod = %name, why = %why, "Could not send the job to an adopted warm pod again; following it as it is.");
+                        }
+                    }
+                }
+                start_by = Some(Instant::now() + self.inner.cfg.checkout_timeout + START_SLACK);
+            }
+            Mode::Adopt { token: None } => {}
         }
         let mut p = Progress {
             seen: false,
@@ -135,6 +180,7 @@ impl Task {
                 .trouble
                 .as_ref()
                 .map(|(since, kind, _)| *since + self.deadline(*kind));
+            let start_at = start_by.filter(|_| !p.started && !p.deleting);
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => return,
@@ -176,6 +222,15 @@ impl Task {
                 () = tokio::time::sleep_until(trouble_at.unwrap_or(far)), if trouble_at.is_some() => {
                     let (_, kind, message) = p.trouble.clone().expect("deadline implies trouble");
                     break trouble_ending(kind, message, self.deadline(kind));
+                }
+                () = tokio::time::sleep_until(start_at.unwrap_or(far)), if start_at.is_some() => {
+                    break Ending {
+                        outcome: CRASH,
+                        message: Some(format!(
+                            "the warm runner did not start its job within {} of being given it",
+                            humantime::format_duration(self.inner.cfg.checkout_timeout + START_SLACK)
+                        )),
+                    };
                 }
                 () = tokio::time::sleep_until(p.delete_deadline.unwrap_or(far)), if p.delete_deadline.is_some() => {
                     let message = (!p.gone).then(|| {
@@ -256,6 +311,99 @@ impl Task {
         }
     }
 
+    /// Gives a prepared warm pod its job: records it in the pod's Secret (for a restarted
+    /// agent), labels the pod as the attempt's and sets its deadline, then sends the job to
+    /// the standby.
+    async fn handoff(&self, name: &str, token: &str) -> Result<(), Ending> {
+        let inner = &self.inner;
+        let crash = |what: &str, e: &dyn std::fmt::Display| Ending {
+            outcome: CRASH,
+            message: Some(format!(
+                "could not give the warm runner its job ({what}): {e}"
+            )),
+        };
+        let params = PatchParams::default();
+        let patch = render::handoff_secret_patch(&self.assignment);
+        inner
+            .secrets
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|e| crash("recording the job in its Secret", &e))?;
+        let age_secs = match &*self.view.borrow() {
+            PodView::Present(pod) => pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| u64::try_from(t.0.timestamp_millis()).ok())
+                .map_or(0, |created| now_ms().saturating_sub(created) / 1000),
+            _ => 0,
+        };
+        let patch = render::handoff_pod_patch(&inner.cfg, &inner.cell, &self.assignment, age_secs);
+        inner
+            .pods
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|e| crash("labelling the pod", &e))?;
+        self.send_job(name, token).await.map_err(|why| {
+            if *self.cancel.borrow() {
+                Ending {
+                    outcome: CANCELLED,
+                    message: None,
+                }
+            } else {
+                Ending {
+                    outcome: CRASH,
+                    message: Some(format!("the warm runner did not take its job: {why}")),
+                }
+            }
+        })
+    }
+
+    /// Sends the job to the warm pod's standby, trying again for [`HANDOFF_WITHIN`] while it
+    /// cannot be reached. `Err` says why it was not taken.
+    async fn send_job(&self, name: &str, token: &str) -> Result<(), String> {
+        let body = serde_json::to_vec(&self.assignment).expect("assignments always serialize");
+        let deadline = Instant::now() + HANDOFF_WITHIN;
+        let mut last = String::from("the pod has no IP address");
+        loop {
+            let ip = match &*self.view.borrow() {
+                PodView::Present(pod) => pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                _ => None,
+            };
+            if let Some(ip) = ip {
+                match super::standby_client::assign(&ip, self.inner.cfg.standby_port, token, &body)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(pod = %name, job = %self.assignment.job, "The warm runner took its job.");
+                        return Ok(());
+                    }
+                    Err(super::standby_client::SendError::Refused(why)) => return Err(why),
+                    Err(super::standby_client::SendError::Unanswered(why)) => {
+                        // It may have the job: never send it twice. The pod says the rest
+                        // (the steps start, or the start deadline passes).
+                        tracing::warn!(pod = %name, why = %why, "No answer from the warm runner after sending its job; following the pod.");
+                        return Ok(());
+                    }
+                    Err(super::standby_client::SendError::Unreachable(why)) => last = why,
+                }
+            }
+            if Instant::now() + HANDOFF_RETRY > deadline {
+                return Err(format!(
+                    "no answer within {}: {last}",
+                    humantime::format_duration(HANDOFF_WITHIN)
+                ));
+            }
+            let mut cancel = self.cancel.clone();
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                () = tokio::time::sleep(HANDOFF_RETRY) => {}
+                _ = cancel.wait_for(|c| *c) => return Err("cancelled before the runner took it".into()),
+                _ = stop.wait_for(|s| *s) => return Err("the agent is shutting down".into()),
+            }
+        }
+    }
+
     async fn existing_uid(&self, name: &str) -> Option<String> {
         if let PodView::Present(p) = &*self.view.borrow() {
             return p.metadata.uid.clone();
@@ -306,7 +454,7 @@ impl Task {
         };
         p.seen = true;
         let mut running = false;
-        match observe(&pod, p.deleting) {
+        match observe(&pod, p.deleting, self.warm.then_some(p.started)) {
             Observation::Ended(ending) => return Some(ending),
             Observation::Waiting => p.trouble = None,
             Observation::PullFailing { message } => note_trouble(p, Trouble::Pull, message),
@@ -317,7 +465,9 @@ impl Task {
             Observation::Running { started_at_ms } => {
                 p.trouble = None;
                 running = true;
-                if !p.started {
+                // A warm pod's job container ran before its job: the wrapper's `started`
+                // record says when the steps began.
+                if !p.started && !self.warm {
                     self.mark_started(p, started_at_ms.unwrap_or_else(now_ms));
                 }
             }
@@ -464,6 +614,12 @@ impl Task {
             );
         }
         self.inner.forget(&job, fence);
+        if reap {
+            // Kept until the federator has the report: it is the outcome's only durable
+            // record should this agent restart first. Held before the report goes out, so
+            // an acknowledgement can never arrive before there is something to release.
+            self.inner.hold(job, fence, name.to_owned());
+        }
         self.events.event(
             job,
             fence,
@@ -472,11 +628,6 @@ impl Task {
                 at_ms: now_ms(),
             },
         );
-        if reap {
-            // Kept until the federator has the report: it is the outcome's only durable
-            // record should this agent restart first.
-            self.inner.hold(job, fence, name.to_owned());
-        }
     }
 }
 
@@ -511,6 +662,22 @@ fn trouble_ending(kind: Trouble, message: String, after: Duration) -> Ending {
             )),
         },
     }
+}
+
+/// Whether a warm pod's standby container is running (it has not handed a job over yet).
+fn standby_running(view: &PodView) -> bool {
+    let PodView::Present(pod) = view else {
+        return false;
+    };
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.name == render::STANDBY_CONTAINER
+                    && c.state.as_ref().is_some_and(|s| s.running.is_some())
+            })
+        })
 }
 
 fn job_container_terminated(view: &PodView) -> bool {

@@ -75,6 +75,32 @@ pub struct KubeConfig {
     /// Largest workspace (`emptyDir.sizeLimit`), such as `20Gi`; unset means the node's.
     #[serde(default)]
     pub workspace_size_limit: Option<String>,
+    /// The port a warm pod's standby listens on for its job (the agent connects to the pod's
+    /// IP; deploy/kubernetes/networkpolicy-runners.yaml lets only the agent in).
+    #[serde(default = "default_standby_port")]
+    pub standby_port: u16,
+    /// The image of the pre-pull DaemonSet's long-running container (the images to pre-pull
+    /// run only as its init containers).
+    #[serde(default = "default_pause_image")]
+    pub pause_image: String,
+}
+
+/// What the backend knows of one pool with settings (from the agent file's `pools`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolPods {
+    /// Its warm pods, when it is a warm pool.
+    pub warm: Option<WarmPods>,
+    /// Images to pull onto the runner nodes ahead of any job.
+    pub prepull: Vec<String>,
+}
+
+/// How a warm pool's pods are made before their jobs are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPods {
+    /// The job container's image; jobs with another image start cold.
+    pub image: String,
+    /// The pod's size; jobs asking for more start cold.
+    pub resources: flotilla_core::pipeline::Resources,
 }
 
 impl Default for KubeConfig {
@@ -97,6 +123,8 @@ impl Default for KubeConfig {
             tolerations: Vec::new(),
             pod_labels: BTreeMap::new(),
             workspace_size_limit: None,
+            standby_port: default_standby_port(),
+            pause_image: default_pause_image(),
         }
     }
 }
@@ -171,6 +199,15 @@ impl KubeConfig {
                 ),
             );
         }
+        if self.standby_port == 0 {
+            return bad("standby_port", "must be a port number (1-65535)".into());
+        }
+        if self.pause_image.trim().is_empty() || self.pause_image.contains(char::is_whitespace) {
+            return bad(
+                "pause_image",
+                format!("`{}` is not an image reference", self.pause_image),
+            );
+        }
         if self.cancel_grace > Duration::from_secs(3600) {
             return bad("cancel_grace", "must be at most 1h".into());
         }
@@ -238,6 +275,14 @@ fn default_startup_allowance() -> Duration {
 
 fn default_checkout_timeout() -> Duration {
     Duration::from_secs(600)
+}
+
+fn default_standby_port() -> u16 {
+    7171
+}
+
+fn default_pause_image() -> String {
+    "registry.k8s.io/pause:3.10".into()
 }
 
 fn default_run_as_user() -> i64 {

@@ -16,18 +16,23 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_core::autoscale::RunnerId;
 use flotilla_core::ids::CellId;
+use flotilla_core::pipeline::Resources;
 use flotilla_core::runner::Assignment;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, LocalObjectReference, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::config::KubeConfig;
+use super::config::{KubeConfig, WarmPods};
 use crate::runner::record::PROTOCOL_VERSION;
 
 /// Label: which cell's agent owns the pod. The agent watches only its own.
@@ -139,16 +144,7 @@ pub fn spec_secret(
             name: Some(pod_name(a)),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(labels(cfg, cell, a)),
-            owner_references: owner_uid.map(|uid| {
-                vec![OwnerReference {
-                    api_version: "v1".into(),
-                    kind: "Pod".into(),
-                    name: pod_name(a),
-                    uid: uid.to_owned(),
-                    block_owner_deletion: Some(false),
-                    controller: Some(true),
-                }]
-            }),
+            owner_references: owner_uid.map(|uid| vec![owner(&pod_name(a), uid)]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -164,23 +160,9 @@ pub fn spec_secret(
 /// The runner pod of an attempt.
 pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
     let name = pod_name(a);
-    let resources = job_resources(a);
+    let resources = job_resources(&a.resources);
     let spec_arg = format!("{SPEC_DIR}/{SPEC_KEY}");
-    let mut init = vec![Container {
-        name: INSTALL_CONTAINER.into(),
-        image: Some(cfg.runner_image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
-        command: Some(strings(&[
-            IMAGE_BINARY,
-            "runner",
-            "install",
-            &format!("{BIN_DIR}/flotilla"),
-        ])),
-        volume_mounts: Some(vec![mount("flotilla-bin", BIN_DIR, false)]),
-        resources: Some(resources.clone()),
-        security_context: Some(container_security()),
-        ..Container::default()
-    }];
+    let mut init = vec![install_container(cfg, resources.clone())];
     if a.checkout.is_some() {
         init.push(Container {
             name: CHECKOUT_CONTAINER.into(),
@@ -228,14 +210,7 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
             TERMINATION_LOG,
         ])),
         working_dir: Some(WORKSPACE.into()),
-        env: Some(vec![
-            env("HOME", TMP),
-            // The workspace belongs to root (an emptyDir shared through fsGroup): without
-            // this, git in a step refuses it as a repository of "dubious ownership".
-            env("GIT_CONFIG_COUNT", "1"),
-            env("GIT_CONFIG_KEY_0", "safe.directory"),
-            env("GIT_CONFIG_VALUE_0", WORKSPACE),
-        ]),
+        env: Some(job_env()),
         volume_mounts: Some(vec![
             mount("flotilla-bin", BIN_DIR, true),
             mount("spec", SPEC_DIR, true),
@@ -247,58 +222,18 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
         termination_message_policy: Some("File".into()),
         ..Container::default()
     };
-    let user = cfg.run_as_user;
     Pod {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(labels(cfg, cell, a)),
-            annotations: Some(BTreeMap::from([
-                (ANNOTATION_BUILD.to_owned(), a.build.to_string()),
-                (ANNOTATION_JOB_NAME.to_owned(), a.name.clone()),
-            ])),
+            annotations: Some(attempt_annotations(a)),
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            runtime_class_name: cfg.runtime_class.clone(),
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
-            // The pause container becomes PID 1 and reaps orphaned step processes; the
-            // wrapper receives the SIGTERM of a delete like any container's main process.
-            share_process_namespace: Some(true),
-            host_network: Some(false),
-            host_pid: Some(false),
-            host_ipc: Some(false),
             // Kubernetes' own backstop; the wrapper enforces the job's timeout from its
             // first step (queue time is not run time).
-            active_deadline_seconds: Some(
-                i64::try_from(
-                    a.timeout_secs
-                        .saturating_add(cfg.startup_allowance.as_secs())
-                        .max(1),
-                )
-                .unwrap_or(i64::MAX),
-            ),
-            termination_grace_period_seconds: Some(
-                i64::try_from(cfg.cancel_grace.as_secs()).unwrap_or(i64::MAX),
-            ),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(user),
-                run_as_group: Some(user),
-                fs_group: Some(user),
-                seccomp_profile: Some(runtime_default()),
-                ..PodSecurityContext::default()
-            }),
-            image_pull_secrets: (!cfg.image_pull_secrets.is_empty()).then(|| {
-                cfg.image_pull_secrets
-                    .iter()
-                    .map(|name| LocalObjectReference { name: name.clone() })
-                    .collect()
-            }),
-            node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
-            tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
+            active_deadline_seconds: Some(active_deadline(cfg, a, 0)),
             init_containers: Some(init),
             containers: vec![job],
             volumes: Some(vec![
@@ -308,23 +243,124 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
                 secret_file("spec", &name, SPEC_KEY),
                 secret_file("checkout-spec", &name, ATTEMPT_KEY),
             ]),
-            ..PodSpec::default()
+            ..runner_spec(cfg)
         }),
         status: None,
     }
 }
 
+/// Init container `install`: copies the static `flotilla` binary from the Flotilla image
+/// into the `flotilla-bin` volume, the way Tekton injects its entrypoint.
+fn install_container(cfg: &KubeConfig, resources: ResourceRequirements) -> Container {
+    Container {
+        name: INSTALL_CONTAINER.into(),
+        image: Some(cfg.runner_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&[
+            IMAGE_BINARY,
+            "runner",
+            "install",
+            &format!("{BIN_DIR}/flotilla"),
+        ])),
+        volume_mounts: Some(vec![mount("flotilla-bin", BIN_DIR, false)]),
+        resources: Some(resources),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// The job container's environment (the wrapper adds the job's own).
+fn job_env() -> Vec<EnvVar> {
+    vec![
+        env("HOME", TMP),
+        // The workspace belongs to root (an emptyDir shared through fsGroup): without
+        // this, git in a step refuses it as a repository of "dubious ownership".
+        env("GIT_CONFIG_COUNT", "1"),
+        env("GIT_CONFIG_KEY_0", "safe.directory"),
+        env("GIT_CONFIG_VALUE_0", WORKSPACE),
+    ]
+}
+
+/// An owner reference to pod `name`: what it owns is garbage-collected with it.
+fn owner(name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: name.to_owned(),
+        uid: uid.to_owned(),
+        block_owner_deletion: Some(false),
+        controller: Some(true),
+    }
+}
+
+/// The annotations naming an attempt's build and job.
+fn attempt_annotations(a: &Assignment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (ANNOTATION_BUILD.to_owned(), a.build.to_string()),
+        (ANNOTATION_JOB_NAME.to_owned(), a.name.clone()),
+    ])
+}
+
+/// `activeDeadlineSeconds` for an attempt in a pod that has existed for `age_secs`.
+fn active_deadline(cfg: &KubeConfig, a: &Assignment, age_secs: u64) -> i64 {
+    i64::try_from(
+        a.timeout_secs
+            .saturating_add(cfg.startup_allowance.as_secs())
+            .saturating_add(age_secs)
+            .max(1),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+/// What every runner pod's spec shares: no restarts, the sandboxing runtime class, no
+/// service-account token or host namespaces, Pod Security "restricted".
+fn runner_spec(cfg: &KubeConfig) -> PodSpec {
+    let user = cfg.run_as_user;
+    PodSpec {
+        restart_policy: Some("Never".into()),
+        runtime_class_name: cfg.runtime_class.clone(),
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        // The pause container becomes PID 1 and reaps orphaned step processes; the
+        // wrapper receives the SIGTERM of a delete like any container's main process.
+        share_process_namespace: Some(true),
+        host_network: Some(false),
+        host_pid: Some(false),
+        host_ipc: Some(false),
+        termination_grace_period_seconds: Some(
+            i64::try_from(cfg.cancel_grace.as_secs()).unwrap_or(i64::MAX),
+        ),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(user),
+            run_as_group: Some(user),
+            fs_group: Some(user),
+            seccomp_profile: Some(runtime_default()),
+            ..PodSecurityContext::default()
+        }),
+        image_pull_secrets: (!cfg.image_pull_secrets.is_empty()).then(|| {
+            cfg.image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
+        node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
+        tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
+        ..PodSpec::default()
+    }
+}
+
 /// Requests equal to limits: Guaranteed QoS, so a CI pod is the last to be evicted under
 /// node pressure, and CPU-hungry builds do not starve their neighbours.
-fn job_resources(a: &Assignment) -> ResourceRequirements {
+fn job_resources(r: &Resources) -> ResourceRequirements {
     let amounts = BTreeMap::from([
         (
             "cpu".to_owned(),
-            Quantity(format!("{}m", a.resources.cpu_millis.max(1))),
+            Quantity(format!("{}m", r.cpu_millis.max(1))),
         ),
         (
             "memory".to_owned(),
-            Quantity(memory_quantity(a.resources.memory_bytes.max(1))),
+            Quantity(memory_quantity(r.memory_bytes.max(1))),
         ),
     ]);
     ResourceRequirements {
@@ -416,6 +452,342 @@ fn empty_dir(name: &str, size_limit: Option<String>) -> Volume {
             size_limit: size_limit.map(Quantity),
         }),
         ..Volume::default()
+    }
+}
+
+/// Label on warm pods: the pod was made before its job (its job labels come at hand-off).
+pub const LABEL_WARM: &str = "flotilla.dev/warm";
+/// Label on warm pods: the runner id within its pool.
+pub const LABEL_RUNNER: &str = "flotilla.dev/runner";
+/// Label on the pre-pull DaemonSet's pods: the cell whose nodes they pull for. (Not
+/// [`LABEL_CELL`]: the agent's watcher would take them for runner pods.)
+pub const LABEL_PREPULL: &str = "flotilla.dev/prepull";
+/// The key of a warm pod's standby token in its Secret.
+pub const TOKEN_KEY: &str = "token";
+/// The standby's container in a warm pod: it checks the code out once the job arrives.
+pub const STANDBY_CONTAINER: &str = CHECKOUT_CONTAINER;
+
+const HANDOFF_DIR: &str = "/flotilla/handoff";
+const STANDBY_DIR: &str = "/flotilla/standby";
+/// CPU and memory of a warm pod's standby container, which runs the checkout. It sits
+/// beside the job container, so the pod asks for both.
+const STANDBY_RESOURCES: Resources = Resources {
+    cpu_millis: 500,
+    memory_bytes: 512 << 20,
+};
+
+/// A warm pod's name (and its Secret's): the agent instance (a random tag per agent start,
+/// so a new agent never collides with pods an old one is still deleting), the pool and the
+/// runner.
+pub fn warm_pod_name(instance: &str, pool: &str, runner: RunnerId) -> String {
+    format!("flotilla-w{instance}-{pool}-{}", runner.0)
+}
+
+/// The labels of a warm pod before its job is known.
+pub fn warm_labels(
+    cfg: &KubeConfig,
+    cell: &CellId,
+    pool: &str,
+    runner: RunnerId,
+) -> BTreeMap<String, String> {
+    let mut labels = cfg.pod_labels.clone();
+    labels.extend([
+        (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "runner".to_owned(),
+        ),
+        (LABEL_CELL.to_owned(), cell.to_string()),
+        (LABEL_POOL.to_owned(), label_value(pool)),
+        (LABEL_WARM.to_owned(), "true".to_owned()),
+        (LABEL_RUNNER.to_owned(), runner.0.to_string()),
+    ]);
+    labels
+}
+
+/// Whether a pod's labels say it is a warm pod.
+pub fn is_warm(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_WARM))
+        .is_some_and(|v| v == "true")
+}
+
+/// A warm runner pod (ARCHITECTURE §8, warm pools): made before its job, at the pool's size,
+/// with the pool's image pulled and running. Container `checkout` (the Flotilla image) runs
+/// `flotilla runner standby`, which waits for the agent to send the job, checks it out and
+/// hands the job spec over through the `handoff` volume; container `job` (the pool's image)
+/// runs `flotilla runner handoff`, which waits for that spec and then runs the steps exactly
+/// as a cold pod's job container does. The pod is Ready once both run and the standby
+/// answers its probe.
+pub fn warm_pod(
+    cfg: &KubeConfig,
+    cell: &CellId,
+    pool: &str,
+    runner: RunnerId,
+    instance: &str,
+    spec: &WarmPods,
+) -> Pod {
+    let name = warm_pod_name(instance, pool, runner);
+    let port = i32::from(cfg.standby_port);
+    let install = install_container(cfg, job_resources(&STANDBY_RESOURCES));
+    let standby = Container {
+        name: STANDBY_CONTAINER.into(),
+        image: Some(cfg.runner_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&[
+            IMAGE_BINARY,
+            "runner",
+            "standby",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--token-file",
+            &format!("{STANDBY_DIR}/{TOKEN_KEY}"),
+            "--handoff",
+            HANDOFF_DIR,
+            "--workspace",
+            WORKSPACE,
+            "--checkout-timeout",
+            &format!("{}s", cfg.checkout_timeout.as_secs().max(1)),
+            "--termination-log",
+            TERMINATION_LOG,
+        ])),
+        env: Some(vec![env("HOME", TMP)]),
+        ports: Some(vec![ContainerPort {
+            name: Some("standby".into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(port),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(2),
+            ..Probe::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("standby", STANDBY_DIR, true),
+            mount("handoff", HANDOFF_DIR, false),
+            mount("workspace", WORKSPACE, false),
+            mount("tmp", TMP, false),
+        ]),
+        resources: Some(job_resources(&STANDBY_RESOURCES)),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("File".into()),
+        ..Container::default()
+    };
+    let job = Container {
+        name: JOB_CONTAINER.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&[
+            &format!("{BIN_DIR}/flotilla"),
+            "runner",
+            "handoff",
+            "--handoff",
+            HANDOFF_DIR,
+            "--workspace",
+            WORKSPACE,
+            "--protocol",
+            &PROTOCOL_VERSION.to_string(),
+            "--termination-log",
+            TERMINATION_LOG,
+        ])),
+        working_dir: Some(WORKSPACE.into()),
+        env: Some(job_env()),
+        volume_mounts: Some(vec![
+            mount("flotilla-bin", BIN_DIR, true),
+            mount("handoff", HANDOFF_DIR, true),
+            mount("workspace", WORKSPACE, false),
+            mount("tmp", TMP, false),
+        ]),
+        resources: Some(job_resources(&spec.resources)),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("File".into()),
+        ..Container::default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(warm_labels(cfg, cell, pool, runner)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            // No deadline yet: an idle warm pod waits as long as the pool wants it. The
+            // hand-off sets one from the job's timeout (Kubernetes lets a deadline be added).
+            active_deadline_seconds: None,
+            init_containers: Some(vec![install]),
+            containers: vec![standby, job],
+            volumes: Some(vec![
+                empty_dir("flotilla-bin", None),
+                empty_dir("workspace", cfg.workspace_size_limit.clone()),
+                empty_dir("tmp", None),
+                empty_dir("handoff", Some("1Mi".into())),
+                Volume {
+                    name: "standby".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(name),
+                        items: Some(vec![KeyToPath {
+                            key: TOKEN_KEY.into(),
+                            path: TOKEN_KEY.into(),
+                            mode: None,
+                        }]),
+                        default_mode: Some(0o440),
+                        optional: Some(false),
+                    }),
+                    ..Volume::default()
+                },
+            ]),
+            ..runner_spec(cfg)
+        }),
+        status: None,
+    }
+}
+
+/// A warm pod's Secret: the token the standby accepts a job with, and (added at hand-off,
+/// so it is not immutable) the job spec a restarted agent reads back to take the pod over.
+pub fn warm_secret(
+    cfg: &KubeConfig,
+    cell: &CellId,
+    pool: &str,
+    runner: RunnerId,
+    instance: &str,
+    token: &str,
+    owner_uid: Option<&str>,
+) -> Secret {
+    let name = warm_pod_name(instance, pool, runner);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(warm_labels(cfg, cell, pool, runner)),
+            owner_references: owner_uid.map(|uid| vec![owner(&name, uid)]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            TOKEN_KEY.to_owned(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The merge patch that records the job in a warm pod's Secret, before the job is sent.
+pub fn handoff_secret_patch(a: &Assignment) -> serde_json::Value {
+    let whole = serde_json::to_vec(a).expect("assignments always serialize");
+    serde_json::json!({
+        "data": {
+            ATTEMPT_KEY: ByteString(whole),
+        }
+    })
+}
+
+/// The merge patch that gives a warm pod its job: the attempt's labels (so the agent's
+/// recovery and `kubectl get pods -l flotilla.dev/job=…` find it like any runner pod), its
+/// annotations, and an active deadline counted from the pod's start (`age_secs` ago).
+pub fn handoff_pod_patch(
+    cfg: &KubeConfig,
+    cell: &CellId,
+    a: &Assignment,
+    age_secs: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "labels": labels(cfg, cell, a),
+            "annotations": attempt_annotations(a),
+        },
+        "spec": {
+            "activeDeadlineSeconds": active_deadline(cfg, a, age_secs),
+        }
+    })
+}
+
+/// The pre-pull DaemonSet's name for `cell`.
+pub fn prepull_name(cell: &CellId) -> String {
+    format!("flotilla-prepull-{cell}")
+}
+
+/// The DaemonSet that keeps `images` pulled on every node runner pods may land on (the
+/// backend's node selector and tolerations): an init container per image runs the static
+/// `flotilla --version` (so the image needs nothing of its own), then a pause container
+/// holds the pod. Changing the list rolls the DaemonSet, pulling the new images.
+pub fn prepull_daemonset(cfg: &KubeConfig, cell: &CellId, images: &[String]) -> DaemonSet {
+    let name = prepull_name(cell);
+    let mut labels = cfg.pod_labels.clone();
+    labels.extend([
+        (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "prepull".to_owned(),
+        ),
+        (LABEL_PREPULL.to_owned(), cell.to_string()),
+    ]);
+    let selector = BTreeMap::from([
+        (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
+        (LABEL_PREPULL.to_owned(), cell.to_string()),
+    ]);
+    let small = job_resources(&Resources {
+        cpu_millis: 10,
+        memory_bytes: 32 << 20,
+    });
+    let mut init = vec![install_container(cfg, small.clone())];
+    let mut seen = std::collections::BTreeSet::new();
+    for image in images.iter().filter(|i| seen.insert(i.as_str())) {
+        init.push(Container {
+            name: format!("pull-{}", init.len()),
+            image: Some(image.clone()),
+            image_pull_policy: Some("IfNotPresent".into()),
+            command: Some(strings(&[&format!("{BIN_DIR}/flotilla"), "--version"])),
+            volume_mounts: Some(vec![mount("flotilla-bin", BIN_DIR, true)]),
+            resources: Some(small.clone()),
+            security_context: Some(container_security()),
+            ..Container::default()
+        });
+    }
+    let pause = Container {
+        name: "pause".into(),
+        image: Some(cfg.pause_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        resources: Some(small),
+        security_context: Some(container_security()),
+        ..Container::default()
+    };
+    DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Always".into()),
+                    share_process_namespace: Some(false),
+                    termination_grace_period_seconds: Some(1),
+                    init_containers: Some(init),
+                    containers: vec![pause],
+                    volumes: Some(vec![empty_dir("flotilla-bin", None)]),
+                    ..runner_spec(cfg)
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        status: None,
     }
 }
 
@@ -566,6 +938,7 @@ mod tests {
                 run: "cargo test".into(),
             }],
             env: vec![("RUST_LOG".into(), "info".into())],
+            secrets: Vec::new(),
             timeout_secs: 1800,
             resources: Resources {
                 cpu_millis: 2000,
@@ -607,6 +980,142 @@ mod tests {
                 assert_eq!(spec.automount_service_account_token, Some(false));
             }
         }
+    }
+
+    fn warm_spec() -> WarmPods {
+        WarmPods {
+            image: "rust:1.83".into(),
+            resources: Resources {
+                cpu_millis: 4000,
+                memory_bytes: 16 << 30,
+            },
+        }
+    }
+
+    fn container<'p>(pod: &'p Pod, name: &str) -> &'p Container {
+        pod.spec
+            .as_ref()
+            .expect("spec")
+            .containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    }
+
+    fn mounts(c: &Container) -> Vec<(&str, bool)> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.read_only == Some(true)))
+            .collect()
+    }
+
+    #[test]
+    fn a_warm_pod_runs_the_pools_image_at_the_pools_size_behind_a_standby_only_it_can_reach() {
+        for cfg in configs() {
+            let pod = warm_pod(
+                &cfg,
+                &cell(),
+                "large",
+                RunnerId(3),
+                "0a1b2c3d",
+                &warm_spec(),
+            );
+            assert_eq!(restricted_violations(&pod), Vec::<String>::new(), "{cfg:?}");
+            assert_eq!(
+                pod.metadata.name.as_deref(),
+                Some("flotilla-w0a1b2c3d-large-3")
+            );
+            let labels = pod.metadata.labels.as_ref().expect("labels");
+            assert_eq!(labels[LABEL_WARM], "true");
+            assert_eq!(labels[LABEL_CELL], "eu-west-1a");
+            assert!(!labels.contains_key(LABEL_JOB), "no job until the hand-off");
+            let spec = pod.spec.as_ref().expect("spec");
+            assert_eq!(spec.active_deadline_seconds, None, "an idle warm pod waits");
+            assert_eq!(spec.automount_service_account_token, Some(false));
+            let job = container(&pod, JOB_CONTAINER);
+            assert_eq!(job.image.as_deref(), Some("rust:1.83"));
+            assert_eq!(
+                job.command.as_ref().expect("command")[..3],
+                [
+                    "/flotilla/bin/flotilla".to_owned(),
+                    "runner".into(),
+                    "handoff".into()
+                ]
+            );
+            let limits = job
+                .resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .expect("limits");
+            assert_eq!(limits["cpu"].0, "4000m");
+            assert_eq!(limits["memory"].0, "16Gi");
+            assert_eq!(
+                job.resources.as_ref().and_then(|r| r.requests.as_ref()),
+                Some(limits),
+                "Guaranteed QoS"
+            );
+            // The job reads its spec from the hand-off volume but cannot write it, and never
+            // sees the standby's token.
+            assert!(
+                mounts(job).contains(&("handoff", true)),
+                "{:?}",
+                mounts(job)
+            );
+            assert!(!mounts(job).iter().any(|(v, _)| *v == "standby"));
+            let standby = container(&pod, STANDBY_CONTAINER);
+            assert_eq!(standby.image.as_deref(), Some(cfg.runner_image.as_str()));
+            assert!(mounts(standby).contains(&("standby", true)));
+            assert!(mounts(standby).contains(&("handoff", false)));
+            let port = standby.ports.as_ref().expect("ports")[0].container_port;
+            assert_eq!(port, i32::from(cfg.standby_port));
+            let probe = standby
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref());
+            assert_eq!(probe.and_then(|g| g.path.as_deref()), Some("/healthz"));
+            let command = standby.command.as_ref().expect("command").join(" ");
+            assert!(
+                command.contains(&format!("runner standby --listen 0.0.0.0:{port}")),
+                "{command}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_hand_off_labels_the_warm_pod_as_the_attempts_and_sets_its_deadline() {
+        let cfg = KubeConfig::default();
+        let a = sample(true);
+        let patch = handoff_pod_patch(&cfg, &cell(), &a, 90);
+        assert_eq!(patch["metadata"]["labels"][LABEL_JOB], "42");
+        assert_eq!(patch["metadata"]["labels"][LABEL_FENCE], "1234");
+        assert_eq!(patch["metadata"]["labels"][LABEL_ATTEMPT], "2");
+        assert_eq!(patch["metadata"]["annotations"][ANNOTATION_BUILD], "7");
+        assert_eq!(
+            patch["spec"]["activeDeadlineSeconds"],
+            serde_json::json!(1800 + cfg.startup_allowance.as_secs() + 90),
+            "counted from the pod's start, 90 s ago"
+        );
+        let secret = handoff_secret_patch(&a);
+        let b64 = secret["data"][ATTEMPT_KEY].as_str().expect("base64");
+        let bytes: ByteString = serde_json::from_value(serde_json::json!(b64)).expect("b64");
+        let back: Assignment = serde_json::from_slice(&bytes.0).expect("assignment");
+        assert_eq!(back, a);
+        let token = warm_secret(
+            &cfg,
+            &cell(),
+            "large",
+            RunnerId(3),
+            "0a1b2c3d",
+            "t0k",
+            Some("u1"),
+        );
+        assert_ne!(
+            token.immutable,
+            Some(true),
+            "the hand-off adds the job to it"
+        );
+        assert_eq!(token.metadata.owner_references.expect("owner")[0].uid, "u1");
     }
 
     #[test]

@@ -93,7 +93,12 @@ const STUCK_REASONS: &[&str] = &[
 /// Reads the pod. `deleting_by_us` is true once the agent asked for the pod to be deleted
 /// (a cancel); a deletion nobody here asked for is an eviction (a node drain, preemption,
 /// someone's `kubectl delete`).
-pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
+///
+/// `warm_started` is `None` for a pod made for its attempt, whose job container starts with
+/// the steps. A warm pod's job container runs from before its job arrived (waiting for the
+/// hand-off), so for it the caller says whether the wrapper has reported the first step
+/// (`Some(started)`), and a running job container means only that the pod is alive.
+pub fn observe(pod: &Pod, deleting_by_us: bool, warm_started: Option<bool>) -> Observation {
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     let reason = status.and_then(|s| s.reason.as_deref()).unwrap_or("");
@@ -102,9 +107,10 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
     let job = status
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.name == JOB_CONTAINER));
-    let job_ran = job
-        .and_then(|c| c.state.as_ref())
-        .is_some_and(|s| s.running.is_some() || s.terminated.is_some());
+    let job_ran = warm_started.unwrap_or_else(|| {
+        job.and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+    });
     let from_outside = pod_ending(pod, deleting_by_us, phase, reason, &status_message, job_ran);
     if let Some((ending, killed)) = job.and_then(job_ended) {
         // A job that ended by itself (success, a failing step, its own timeout) keeps its
@@ -123,6 +129,11 @@ pub fn observe(pod: &Pod, deleting_by_us: bool) -> Observation {
         return Observation::Ended(ending);
     }
     if let Some(ending) = from_outside {
+        return Observation::Ended(ending);
+    }
+    if warm_started.is_some()
+        && let Some(ending) = standby_failed(pod)
+    {
         return Observation::Ended(ending);
     }
     if phase == "Failed" || phase == "Succeeded" {
@@ -300,27 +311,89 @@ fn pod_ending(
 fn init_failed(pod: &Pod) -> Option<Ending> {
     let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
     statuses.iter().find_map(|c| {
-        let t = c.state.as_ref()?.terminated.as_ref()?;
-        if t.exit_code == 0 {
-            return None;
-        }
-        let term = t.message.as_deref().and_then(Termination::parse);
-        let outcome = match &term {
-            Some(term) if c.name == CHECKOUT_CONTAINER => term.outcome,
-            _ => CRASH,
-        };
-        let why = term
-            .and_then(|t| t.message)
-            .or_else(|| t.reason.clone())
-            .unwrap_or_default();
-        Some(Ending::new(
-            outcome,
-            format!(
-                "init container `{}` failed with exit code {}: {why}",
-                c.name, t.exit_code
-            ),
-        ))
+        container_failed(
+            c,
+            c.name == CHECKOUT_CONTAINER,
+            &format!("init container `{}`", c.name),
+        )
     })
+}
+
+/// The ending of a warm pod whose standby container (which runs the checkout) ended badly:
+/// it hands its failure to the job container, which ends with it, so this matters only when
+/// the standby died without a word (killed, out of memory) and the job container would wait
+/// for a job that never comes.
+fn standby_failed(pod: &Pod) -> Option<Ending> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let c = statuses
+        .iter()
+        .find(|c| c.name == super::render::STANDBY_CONTAINER)?;
+    container_failed(c, true, "the warm runner's standby container")
+}
+
+/// The ending of a container that exited non-zero: with the outcome its termination message
+/// names when `trusted` (our checkout's), a crash otherwise.
+fn container_failed(c: &ContainerStatus, trusted: bool, what: &str) -> Option<Ending> {
+    let t = c.state.as_ref()?.terminated.as_ref()?;
+    if t.exit_code == 0 {
+        return None;
+    }
+    let term = t.message.as_deref().and_then(Termination::parse);
+    let outcome = match &term {
+        Some(term) if trusted => term.outcome,
+        _ => CRASH,
+    };
+    let why = term
+        .and_then(|t| t.message)
+        .or_else(|| t.reason.clone())
+        .unwrap_or_default();
+    Some(Ending::new(
+        outcome,
+        format!("{what} failed with exit code {}: {why}", t.exit_code),
+    ))
+}
+
+/// Where a warm pod is before it has a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmObservation {
+    /// Scheduling, pulling, starting.
+    Starting,
+    /// Pulling, creating or scheduling is failing (for how long decides).
+    Trouble(Observation),
+    /// Both containers run and the standby answers its probe: the pod can take its job.
+    Ready {
+        /// The pod's IP, where the standby listens.
+        ip: String,
+    },
+    /// The pod died or can never run: the runner is lost.
+    Failed(String),
+}
+
+/// Reads a warm pod waiting for its job.
+pub fn observe_warm(pod: &Pod) -> WarmObservation {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return WarmObservation::Failed("the warm pod is being deleted".into());
+    }
+    match observe(pod, false, Some(false)) {
+        Observation::Ended(e) => WarmObservation::Failed(
+            e.message
+                .unwrap_or_else(|| format!("the warm pod ended ({:?})", e.outcome)),
+        ),
+        o @ (Observation::PullFailing { .. }
+        | Observation::Stuck { .. }
+        | Observation::Unschedulable { .. }) => WarmObservation::Trouble(o),
+        Observation::Waiting => WarmObservation::Starting,
+        Observation::Running { .. } => {
+            let status = pod.status.as_ref();
+            let ready = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            match status.and_then(|s| s.pod_ip.clone()) {
+                Some(ip) if ready => WarmObservation::Ready { ip },
+                _ => WarmObservation::Starting,
+            }
+        }
+    }
 }
 
 /// The `DisruptionTarget` condition: Kubernetes is about to take the pod away (preemption,
@@ -585,7 +658,7 @@ mod tests {
             ),
         ];
         for (what, pod, outcome) in cases {
-            assert_eq!(ended(observe(&pod, false)), outcome, "{what}");
+            assert_eq!(ended(observe(&pod, false, None)), outcome, "{what}");
         }
     }
 
@@ -604,7 +677,7 @@ mod tests {
             )],
         );
         assert_eq!(
-            observe(&p, false),
+            observe(&p, false, None),
             Observation::Running {
                 started_at_ms: None
             }
@@ -612,9 +685,9 @@ mod tests {
         p.metadata.deletion_timestamp = Some(Time(
             k8s_openapi::chrono::DateTime::from_timestamp(1, 0).expect("time"),
         ));
-        assert_eq!(ended(observe(&p, false)), EVICTED);
+        assert_eq!(ended(observe(&p, false, None)), EVICTED);
         assert_eq!(
-            observe(&p, true),
+            observe(&p, true, None),
             Observation::Running {
                 started_at_ms: None
             }
@@ -628,9 +701,9 @@ mod tests {
                 term(Outcome::Failed(FailureClass::Cancelled), None),
             ),
         )]);
-        assert_eq!(ended(observe(&p, false)), EVICTED);
+        assert_eq!(ended(observe(&p, false, None)), EVICTED);
         assert_eq!(
-            ended(observe(&p, true)),
+            ended(observe(&p, true, None)),
             Outcome::Failed(FailureClass::Cancelled)
         );
     }
@@ -644,7 +717,7 @@ mod tests {
             vec![container(JOB_CONTAINER, waiting("ImagePullBackOff"))],
         );
         assert!(
-            matches!(observe(&p, false), Observation::PullFailing { message } if message.contains("ImagePullBackOff"))
+            matches!(observe(&p, false, None), Observation::PullFailing { message } if message.contains("ImagePullBackOff"))
         );
         let p = pod(
             "Pending",
@@ -656,7 +729,7 @@ mod tests {
             vec![],
         );
         assert!(
-            matches!(observe(&p, false), Observation::PullFailing { .. }),
+            matches!(observe(&p, false, None), Observation::PullFailing { .. }),
             "the runner image too"
         );
         let p = pod(
@@ -668,7 +741,10 @@ mod tests {
                 waiting("CreateContainerConfigError"),
             )],
         );
-        assert!(matches!(observe(&p, false), Observation::Stuck { .. }));
+        assert!(matches!(
+            observe(&p, false, None),
+            Observation::Stuck { .. }
+        ));
         let mut p = pod("Pending", None, vec![], vec![]);
         p.status.as_mut().expect("status").conditions = Some(vec![PodCondition {
             type_: "PodScheduled".into(),
@@ -678,7 +754,7 @@ mod tests {
             ..PodCondition::default()
         }]);
         assert_eq!(
-            observe(&p, false),
+            observe(&p, false, None),
             Observation::Unschedulable {
                 message: "0/3 nodes are available".into()
             }
@@ -690,6 +766,90 @@ mod tests {
             ..PodCondition::default()
         }]);
         p.status.as_mut().expect("status").phase = Some("Failed".into());
-        assert_eq!(ended(observe(&p, false)), EVICTED, "preemption");
+        assert_eq!(ended(observe(&p, false, None)), EVICTED, "preemption");
+    }
+
+    fn running() -> ContainerState {
+        ContainerState {
+            running: Some(ContainerStateRunning { started_at: None }),
+            ..ContainerState::default()
+        }
+    }
+
+    #[test]
+    fn a_warm_pods_running_job_container_is_not_a_started_job_and_its_deadline_counts_from_the_steps()
+     {
+        let standby = container(super::super::render::STANDBY_CONTAINER, running());
+        let mut p = pod(
+            "Running",
+            None,
+            vec![],
+            vec![standby.clone(), container(JOB_CONTAINER, running())],
+        );
+        assert_eq!(
+            observe_warm(&p),
+            WarmObservation::Starting,
+            "no Ready condition, no IP"
+        );
+        let status = p.status.as_mut().expect("status");
+        status.pod_ip = Some("10.1.2.3".into());
+        status.conditions = Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..PodCondition::default()
+        }]);
+        assert_eq!(
+            observe_warm(&p),
+            WarmObservation::Ready {
+                ip: "10.1.2.3".into()
+            }
+        );
+        // At the active deadline: a warm pod whose steps never began did not time out.
+        let mut late = p.clone();
+        let status = late.status.as_mut().expect("status");
+        status.phase = Some("Failed".into());
+        status.reason = Some("DeadlineExceeded".into());
+        assert_eq!(ended(observe(&late, false, Some(false))), CRASH);
+        assert_eq!(
+            ended(observe(&late, false, Some(true))),
+            Outcome::Failed(FailureClass::Timeout)
+        );
+        // The standby died without handing anything over: the job container would wait for
+        // ever, so the attempt ends with the standby's word (or as a crash).
+        let mut dead = p.clone();
+        dead.status.as_mut().expect("status").container_statuses = Some(vec![
+            container(
+                super::super::render::STANDBY_CONTAINER,
+                terminated(
+                    125,
+                    "Error",
+                    term(
+                        Outcome::Failed(FailureClass::Config),
+                        Some("no such commit"),
+                    ),
+                ),
+            ),
+            container(JOB_CONTAINER, running()),
+        ]);
+        assert_eq!(
+            ended(observe(&dead, false, Some(false))),
+            Outcome::Failed(FailureClass::Config)
+        );
+        assert!(
+            matches!(observe_warm(&dead), WarmObservation::Failed(m) if m.contains("no such commit"))
+        );
+        // A standby that finished its hand-off (exit 0) is no failure.
+        let mut handed = p;
+        handed.status.as_mut().expect("status").container_statuses = Some(vec![
+            container(
+                super::super::render::STANDBY_CONTAINER,
+                terminated(0, "Completed", None),
+            ),
+            container(JOB_CONTAINER, running()),
+        ]);
+        assert!(matches!(
+            observe(&handed, false, Some(true)),
+            Observation::Running { .. }
+        ));
     }
 }

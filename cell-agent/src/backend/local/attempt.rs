@@ -44,7 +44,7 @@ pub(super) async fn run(
 ) {
     let job = assignment.job;
     let fence = assignment.fence;
-    let emitter = Emitter::new(job, fence, events);
+    let emitter = Emitter::new(&assignment, events);
     let workspace = inner.workspace_path(&job, fence);
     let mut attempt = Attempt {
         inner: &inner,

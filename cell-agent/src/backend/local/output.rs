@@ -1,12 +1,19 @@
 //! Turning a step's output pipes into [`RunnerEvent::Line`]s, and stamping events.
+//!
+//! Secrets are masked here, on the bytes as they come out of the pipe and before they are
+//! split into lines ([`flotilla_core::mask`]): a secret split across two writes, or across
+//! the cut of an over-long line, is masked whole. Every line a runner reports goes through
+//! here (the `local` backend, and `flotilla runner exec` in a pod), so no secret value the
+//! job was given leaves the runner.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flotilla_core::job::Outcome;
-use flotilla_core::runner::{RunnerEvent, RunnerEvents, Stream};
+use flotilla_core::mask::Masker;
+use flotilla_core::runner::{Assignment, RunnerEvent, RunnerEvents, Stream};
 use flotilla_core::{Fence, JobId};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest line delivered as one event; longer lines are split into several. Bounds the
 /// memory one runaway `cat /dev/urandom` can take and keeps log chunks a sane size.
@@ -31,15 +38,22 @@ pub(super) struct Emitter {
     fence: Fence,
     sink: Arc<dyn RunnerEvents>,
     last_ms: AtomicU64,
+    /// The attempt's secrets, masked in every line.
+    masker: Masker,
 }
 
 impl Emitter {
-    pub(super) fn new(job: JobId, fence: Fence, sink: Arc<dyn RunnerEvents>) -> Self {
+    pub(super) fn new(a: &Assignment, sink: Arc<dyn RunnerEvents>) -> Self {
+        let masker = a.masker();
+        if masker.too_short() > 0 {
+            tracing::warn!(job = %a.job, secrets = masker.too_short(), "Secrets shorter than 4 bytes are not masked.");
+        }
         Self {
-            job,
-            fence,
+            job: a.job,
+            fence: a.fence,
             sink,
             last_ms: AtomicU64::new(0),
+            masker,
         }
     }
 
@@ -53,12 +67,19 @@ impl Emitter {
         self.sink.event(self.job, self.fence, event);
     }
 
-    /// A message from the runner itself.
+    /// A message from the runner itself (masked too: it may quote what a step printed).
     pub(super) fn system(&self, step: Option<u32>, text: impl Into<String>) {
-        self.line(Stream::System, step, text.into());
+        let text = text.into();
+        let text = if self.masker.is_empty() {
+            text
+        } else {
+            String::from_utf8_lossy(&self.masker.mask(text.as_bytes())).into_owned()
+        };
+        self.line(Stream::System, step, text);
     }
 
-    pub(super) fn line(&self, stream: Stream, step: Option<u32>, text: String) {
+    /// A line already masked.
+    fn line(&self, stream: Stream, step: Option<u32>, text: String) {
         let at_ms = self.stamp();
         self.send(RunnerEvent::Line {
             stream,
@@ -81,48 +102,69 @@ impl Emitter {
 }
 
 /// Reads `pipe` to its end, emitting one event per line (terminator removed, invalid UTF-8
-/// replaced, lines longer than [`MAX_LINE_BYTES`] split). A read error ends the stream with a
-/// system line rather than failing the step: the step's exit code is what decides.
+/// replaced, lines longer than [`MAX_LINE_BYTES`] split), with the attempt's secrets
+/// masked. A read error ends the stream with a system line rather than failing the step:
+/// the step's exit code is what decides.
 pub(super) async fn read_lines<R: AsyncRead + Unpin>(
-    pipe: R,
+    mut pipe: R,
     stream: Stream,
     step: u32,
     emitter: &Emitter,
 ) {
-    let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, pipe);
-    let mut line: Vec<u8> = Vec::new();
+    let mut mask = emitter.masker.stream();
+    let mut lines = Lines::default();
+    let mut buf = vec![0u8; MAX_LINE_BYTES];
     loop {
-        let buf = match reader.fill_buf().await {
-            Ok(buf) => buf,
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
             Err(e) => {
                 emitter.system(Some(step), format!("reading the step's output failed: {e}"));
                 break;
             }
         };
-        if buf.is_empty() {
-            if !line.is_empty() {
-                emit(emitter, stream, step, &line);
+        let safe = mask.push(&buf[..n]);
+        lines.feed(&safe, |line| emit(emitter, stream, step, line));
+    }
+    let rest = mask.finish();
+    lines.feed(&rest, |line| emit(emitter, stream, step, line));
+    lines.finish(|line| emit(emitter, stream, step, line));
+}
+
+/// Splits bytes into lines of at most [`MAX_LINE_BYTES`], whatever the pieces they come in.
+#[derive(Default)]
+struct Lines {
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    fn feed(&mut self, mut bytes: &[u8], mut out: impl FnMut(&[u8])) {
+        while !bytes.is_empty() {
+            let room = MAX_LINE_BYTES - self.partial.len();
+            let window = &bytes[..bytes.len().min(room)];
+            if let Some(end) = window.iter().position(|b| *b == b'\n') {
+                self.partial.extend_from_slice(&window[..end]);
+                out(&self.partial);
+                self.partial.clear();
+                bytes = &bytes[end + 1..];
+            } else {
+                self.partial.extend_from_slice(window);
+                bytes = &bytes[window.len()..];
+                if self.partial.len() >= MAX_LINE_BYTES {
+                    // Split where no UTF-8 character is cut in two, so the pieces read back
+                    // as the original text; the incomplete tail starts the next piece.
+                    let cut = utf8_safe_cut(&self.partial);
+                    out(&self.partial[..cut]);
+                    self.partial.drain(..cut);
+                }
             }
-            break;
         }
-        let room = MAX_LINE_BYTES - line.len();
-        let window = &buf[..buf.len().min(room)];
-        if let Some(end) = window.iter().position(|b| *b == b'\n') {
-            line.extend_from_slice(&window[..end]);
-            reader.consume(end + 1);
-            emit(emitter, stream, step, &line);
-            line.clear();
-        } else {
-            let taken = window.len();
-            line.extend_from_slice(window);
-            reader.consume(taken);
-            if line.len() >= MAX_LINE_BYTES {
-                // Split where no UTF-8 character is cut in two, so the pieces read back as
-                // the original text; the incomplete tail starts the next piece.
-                let cut = utf8_safe_cut(&line);
-                emit(emitter, stream, step, &line[..cut]);
-                line.drain(..cut);
-            }
+    }
+
+    fn finish(&mut self, mut out: impl FnMut(&[u8])) {
+        if !self.partial.is_empty() {
+            out(&self.partial);
+            self.partial.clear();
         }
     }
 }
