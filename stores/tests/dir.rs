@@ -73,34 +73,9 @@ macro_rules! artifact_cases {
     )*};
 }
 
-log_cases!(
-    chunks_put_out_of_order_read_back_in_seq_order,
-    a_chunk_written_again_with_more_lines_replaces_it,
-    overlapping_chunks_are_read_once,
-    lines_only_in_a_rewritten_earlier_chunk_are_not_skipped_when_following,
-    reads_page_by_after_and_limit,
-    lines_past_a_missing_chunk_wait_until_it_is_written,
-    a_log_is_complete_only_after_finish_and_its_last_line_is_read,
-    a_manifest_reads_back_as_written,
-    empty_and_unordered_chunks_and_inconsistent_manifests_are_refused,
-    attempts_are_isolated,
-    a_corrupt_chunk_is_an_error_naming_it,
-    a_corrupt_manifest_is_an_error_naming_it,
-    a_complete_log_missing_lines_is_corrupt,
-);
+flotilla_stores::for_each_log_store_case!(log_cases);
 
-artifact_cases!(
-    put_list_and_get_round_trip_byte_identical,
-    a_wrong_declared_sha256_is_corrupt_and_nothing_is_kept,
-    unsafe_paths_are_refused,
-    a_missing_artifact_is_not_found,
-    a_corrupted_object_fails_get_and_open_and_leaves_no_file,
-    open_streams_the_same_bytes,
-    a_multi_part_file_round_trips,
-    putting_a_path_again_replaces_it,
-    delete_attempt_removes_only_that_attempt,
-    presigned_urls_fetch_one_artifact_for_a_bounded_time,
-);
+flotilla_stores::for_each_artifact_store_case!(artifact_cases);
 
 #[tokio::test]
 async fn every_case_passes_with_all_cases_sharing_one_store() {

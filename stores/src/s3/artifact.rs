@@ -64,6 +64,35 @@ pub struct S3ArtifactStore {
 }
 
 impl S3ArtifactStore {
+    /// GetObject of artifact `path`: its layout key, the response (the body still to read)
+    /// and the SHA-256 recorded with it.
+    async fn get_object(
+        &self,
+        key: &AttemptKey,
+        path: &str,
+    ) -> Result<
+        (
+            String,
+            aws_sdk_s3::operation::get_object::GetObjectOutput,
+            String,
+        ),
+        StoreError,
+    > {
+        let path = check_artifact_path(path)?;
+        let object_key = format!("{}{path}", key.artifact_prefix());
+        let out = self
+            .client
+            .inner
+            .get_object()
+            .bucket(&*self.client.bucket)
+            .key(self.client.object_key(&object_key))
+            .send()
+            .await
+            .map_err(|e| map_error("GetObject", &object_key, e))?;
+        let expected = recorded_sha256(&object_key, out.metadata())?;
+        Ok((object_key, out, expected))
+    }
+
     pub(crate) fn new(client: S3Client) -> Self {
         S3ArtifactStore { client }
     }
@@ -430,18 +459,7 @@ impl ArtifactStore for S3ArtifactStore {
         dest: &'a Path,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
-            let path = check_artifact_path(path)?;
-            let object_key = format!("{}{path}", key.artifact_prefix());
-            let out = self
-                .client
-                .inner
-                .get_object()
-                .bucket(&*self.client.bucket)
-                .key(self.client.object_key(&object_key))
-                .send()
-                .await
-                .map_err(|e| map_error("GetObject", &object_key, e))?;
-            let expected = recorded_sha256(&object_key, out.metadata())?;
+            let (object_key, out, expected) = self.get_object(key, path).await?;
             let local =
                 |e: io::Error| StoreError::Unavailable(format!("writing {}: {e}", dest.display()));
             let tmp = TmpPath::new_in(atomic::parent_of(dest), dest).map_err(local)?;
@@ -515,18 +533,7 @@ impl ArtifactStore for S3ArtifactStore {
         path: &'a str,
     ) -> BoxFuture<'a, Result<Box<dyn ByteSource>, StoreError>> {
         Box::pin(async move {
-            let path = check_artifact_path(path)?;
-            let object_key = format!("{}{path}", key.artifact_prefix());
-            let out = self
-                .client
-                .inner
-                .get_object()
-                .bucket(&*self.client.bucket)
-                .key(self.client.object_key(&object_key))
-                .send()
-                .await
-                .map_err(|e| map_error("GetObject", &object_key, e))?;
-            let expected = recorded_sha256(&object_key, out.metadata())?;
+            let (object_key, out, expected) = self.get_object(key, path).await?;
             Ok(Box::new(S3Source {
                 body: out.body,
                 object_key,

@@ -192,36 +192,12 @@ pub fn pod(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> Pod {
             ..Container::default()
         });
     }
-    let job = Container {
-        name: JOB_CONTAINER.into(),
-        image: Some(a.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
-        command: Some(strings(&[
-            &format!("{BIN_DIR}/flotilla"),
-            "runner",
-            "exec",
-            "--spec",
-            &spec_arg,
-            "--workspace",
-            WORKSPACE,
-            "--protocol",
-            &PROTOCOL_VERSION.to_string(),
-            "--termination-log",
-            TERMINATION_LOG,
-        ])),
-        working_dir: Some(WORKSPACE.into()),
-        env: Some(job_env()),
-        volume_mounts: Some(vec![
-            mount("flotilla-bin", BIN_DIR, true),
-            mount("spec", SPEC_DIR, true),
-            mount("workspace", WORKSPACE, false),
-            mount("tmp", TMP, false),
-        ]),
-        resources: Some(resources),
-        security_context: Some(container_security()),
-        termination_message_policy: Some("File".into()),
-        ..Container::default()
-    };
+    let job = job_container(
+        &a.image,
+        ["exec", "--spec", &spec_arg],
+        mount("spec", SPEC_DIR, true),
+        resources,
+    );
     Pod {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -265,6 +241,47 @@ fn install_container(cfg: &KubeConfig, resources: ResourceRequirements) -> Conta
         volume_mounts: Some(vec![mount("flotilla-bin", BIN_DIR, false)]),
         resources: Some(resources),
         security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// Container `job`: the job's (or the warm pool's) image running the copied wrapper as
+/// `flotilla runner <how> … --workspace … --protocol … --termination-log …`, with `spec`
+/// (where its job comes from) mounted read-only beside the wrapper, workspace and tmp.
+fn job_container(
+    image: &str,
+    how: [&str; 3],
+    spec: VolumeMount,
+    resources: ResourceRequirements,
+) -> Container {
+    let wrapper = format!("{BIN_DIR}/flotilla");
+    let protocol = PROTOCOL_VERSION.to_string();
+    let mut command = vec![wrapper.as_str(), "runner"];
+    command.extend(how);
+    command.extend([
+        "--workspace",
+        WORKSPACE,
+        "--protocol",
+        &protocol,
+        "--termination-log",
+        TERMINATION_LOG,
+    ]);
+    Container {
+        name: JOB_CONTAINER.into(),
+        image: Some(image.to_owned()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(strings(&command)),
+        working_dir: Some(WORKSPACE.into()),
+        env: Some(job_env()),
+        volume_mounts: Some(vec![
+            mount("flotilla-bin", BIN_DIR, true),
+            spec,
+            mount("workspace", WORKSPACE, false),
+            mount("tmp", TMP, false),
+        ]),
+        resources: Some(resources),
+        security_context: Some(container_security()),
+        termination_message_policy: Some("File".into()),
         ..Container::default()
     }
 }
@@ -580,36 +597,12 @@ pub fn warm_pod(
         termination_message_policy: Some("File".into()),
         ..Container::default()
     };
-    let job = Container {
-        name: JOB_CONTAINER.into(),
-        image: Some(spec.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
-        command: Some(strings(&[
-            &format!("{BIN_DIR}/flotilla"),
-            "runner",
-            "handoff",
-            "--handoff",
-            HANDOFF_DIR,
-            "--workspace",
-            WORKSPACE,
-            "--protocol",
-            &PROTOCOL_VERSION.to_string(),
-            "--termination-log",
-            TERMINATION_LOG,
-        ])),
-        working_dir: Some(WORKSPACE.into()),
-        env: Some(job_env()),
-        volume_mounts: Some(vec![
-            mount("flotilla-bin", BIN_DIR, true),
-            mount("handoff", HANDOFF_DIR, true),
-            mount("workspace", WORKSPACE, false),
-            mount("tmp", TMP, false),
-        ]),
-        resources: Some(job_resources(&spec.resources)),
-        security_context: Some(container_security()),
-        termination_message_policy: Some("File".into()),
-        ..Container::default()
-    };
+    let job = job_container(
+        &spec.image,
+        ["handoff", "--handoff", HANDOFF_DIR],
+        mount("handoff", HANDOFF_DIR, true),
+        job_resources(&spec.resources),
+    );
     Pod {
         metadata: ObjectMeta {
             name: Some(name.clone()),
