@@ -50,7 +50,7 @@ impl TmpPath {
     /// if needed, then `fsync`s that directory.
     pub(crate) fn persist(mut self, dest: &Path) -> io::Result<()> {
         let parent = parent_of(dest);
-        fs::create_dir_all(parent)?;
+        create_dirs_durably(parent)?;
         fs::rename(&self.path, dest)?;
         self.armed = false;
         sync_dir(parent)
@@ -64,6 +64,34 @@ impl Drop for TmpPath {
             let _ = fs::remove_file(&self.path);
         }
     }
+}
+
+/// Creates `dir` and the missing directories above it, `fsync`ing the parent of each one
+/// made: a directory entry not yet on disk would take every file below it with it at a
+/// power loss (POSIX promises nothing else, whatever ext4's journal usually does), and the
+/// aggregator commits stream positions as soon as a chunk is stored.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => break,
+        }
+    }
+    for made in missing.into_iter().rev() {
+        match fs::create_dir(made) {
+            Ok(()) => sync_dir(parent_of(made))?,
+            // Another writer made it meanwhile; it syncs its own.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `dest` atomically, through a temporary file in `tmp_dir` (which must be

@@ -100,7 +100,12 @@ pub(super) fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .create_with_context(GroupContext::default())
-        .map_err(|e| StoreError::Invalid(format!("kafka consumer for group {group}: {e}")))?;
+        .map_err(|e| {
+            StoreError::Invalid(format!(
+                "kafka consumer for group {group}: {}",
+                super::without_value(&e)
+            ))
+        })?;
     consumer
         .subscribe(&[topic])
         .map_err(|e| StoreError::Invalid(format!("kafka topic {topic}, group {group}: {e}")))?;

@@ -108,7 +108,7 @@ impl KafkaLogStream {
         // replica on many clusters): it is an error at `check_topic` and in `publish`.
         base.set("allow.auto.create.topics", "false");
         let producer =
-            create_producer(&base).map_err(|e| KafkaConfigError::Client(e.to_string()))?;
+            create_producer(&base).map_err(|e| KafkaConfigError::Client(without_value(&e)))?;
         Ok(KafkaLogStream {
             topic: config.topic.clone(),
             brokers,
@@ -308,6 +308,17 @@ impl LogStream for KafkaLogStream {
     }
 }
 
+/// An rdkafka error as text, without the value of a refused setting (it may be a secret
+/// from `secret_files`: rdkafka's own message prints it).
+pub(crate) fn without_value(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, _) => {
+            format!("librdkafka refused setting `{key}`: {desc}")
+        }
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +351,18 @@ mod tests {
             matches!(&err, KafkaConfigError::Client(m) if m.contains("no.such.property")),
             "{err}"
         );
+        // A secret librdkafka refuses (this build has no OpenSSL for `ssl.key.password`, and
+        // an unknown property is refused alike) is named, never shown.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "hunter2-very-secret").unwrap();
+        for key in ["ssl.key.password", "no.such.secret.password"] {
+            let mut config = KafkaConfig::new(["127.0.0.1:9"]);
+            config.secret_files.insert(key.into(), file.clone());
+            let err = KafkaLogStream::connect(&config).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(!err.contains("hunter2"), "the secret leaked: {err}");
+        }
         let stream = KafkaLogStream::connect(&KafkaConfig::new(["127.0.0.1:9"])).unwrap();
         assert_eq!(stream.name(), "kafka");
         assert_eq!(stream.topic(), "flotilla.logs");
