@@ -236,6 +236,10 @@ struct Run {
     /// The federator took it away: kill it, report nothing more, write no more output.
     revoked: bool,
     log: Option<std::fs::File>,
+    /// The attempt's secrets, masked again in every line the backend reports (the runner
+    /// masks what the steps print; this covers what else a backend forwards, such as a
+    /// pod log's lines that are not the wrapper's records).
+    masker: flotilla_core::mask::Masker,
 }
 
 /// A live session.
@@ -869,6 +873,7 @@ impl Worker {
         self.runs.insert(
             job,
             Run {
+                masker: a.masker(),
                 assignment: a.clone(),
                 delivered_at_ms,
                 started_at_ms: None,
@@ -976,6 +981,7 @@ impl Worker {
             self.runs.insert(
                 a.job,
                 Run {
+                    masker: a.masker(),
                     assignment: a,
                     delivered_at_ms: now_ms(),
                     started_at_ms: None,
@@ -1054,6 +1060,11 @@ impl Worker {
                     .filter(|r| r.assignment.fence == fence)
                     && let Some(f) = run.log.as_mut()
                 {
+                    let text = if run.masker.is_empty() {
+                        text
+                    } else {
+                        String::from_utf8_lossy(&run.masker.mask(text.as_bytes())).into_owned()
+                    };
                     let _ = writeln!(f, "{} {text}", clock_of_day(at_ms));
                 }
             }

@@ -106,6 +106,8 @@ struct Buffer {
     finishing: bool,
     /// Chunk writes in flight.
     writing: usize,
+    /// Lines in chunk writes in flight.
+    in_flight: BTreeSet<u64>,
 }
 
 impl Buffer {
@@ -153,8 +155,9 @@ pub struct Aggregator {
     next_id: u64,
     /// Positions whose records are not yet stored for good, per partition.
     pending: BTreeMap<u32, BTreeSet<u64>>,
-    /// The highest offset received, per partition.
-    seen: BTreeMap<u32, u64>,
+    /// Offsets received and not yet committed, per partition (offsets are opaque: a commit
+    /// must name one that was received).
+    received: BTreeMap<u32, BTreeSet<u64>>,
     /// The last offset committed, per partition.
     committed: BTreeMap<u32, u64>,
     stats: AggregateStats,
@@ -188,8 +191,10 @@ impl Aggregator {
         stale: bool,
         now_ms: u64,
     ) -> Vec<Action> {
-        let seen = self.seen.entry(pos.partition).or_insert(pos.offset);
-        *seen = (*seen).max(pos.offset);
+        self.received
+            .entry(pos.partition)
+            .or_default()
+            .insert(pos.offset);
         let key = record.key().clone();
         if stale {
             self.stats.stale += 1;
@@ -210,7 +215,13 @@ impl Aggregator {
         }
         match record {
             Shipped::Line { line, .. } => {
-                if buffer.is_stored(line.seq) || buffer.lines.contains_key(&line.seq) {
+                // A line already stored, buffered or being written is a repeat (a publish
+                // retried, a redelivery): taking it again could write a chunk of the same
+                // name with fewer lines over one in flight.
+                if buffer.is_stored(line.seq)
+                    || buffer.lines.contains_key(&line.seq)
+                    || buffer.in_flight.contains(&line.seq)
+                {
                     self.stats.repeated += 1;
                     return Vec::new();
                 }
@@ -275,8 +286,9 @@ impl Aggregator {
             return Vec::new();
         }
         if let Some(buffer) = self.attempts.get_mut(&w.key) {
-            buffer.writing -= 1;
+            buffer.writing = buffer.writing.saturating_sub(1);
             for seq in w.seqs {
+                buffer.in_flight.remove(&seq);
                 buffer.mark_stored(seq);
             }
         }
@@ -296,7 +308,10 @@ impl Aggregator {
             buffer.finishing = false;
             return;
         }
-        buffer.writing -= 1;
+        buffer.writing = buffer.writing.saturating_sub(1);
+        for seq in &w.seqs {
+            buffer.in_flight.remove(seq);
+        }
         for line in w.lines {
             buffer.bytes += line.text.len() + 32;
             buffer.lines.insert(line.seq, line);
@@ -322,16 +337,18 @@ impl Aggregator {
     /// before it is stored for good), where that is past what was committed before.
     pub fn committable(&self) -> Vec<StreamPosition> {
         let mut out = Vec::new();
-        for (&partition, &seen) in &self.seen {
-            let upto = match self
+        for (&partition, received) in &self.received {
+            let first_pending = self
                 .pending
                 .get(&partition)
-                .and_then(|p| p.iter().next().copied())
-            {
-                Some(0) => continue,
-                Some(first_pending) => first_pending - 1,
-                None => seen,
+                .and_then(|p| p.iter().next().copied());
+            // The last offset received below the first still pending (every record up to it
+            // is stored or dropped), or the last received when nothing is pending.
+            let upto = match first_pending {
+                Some(p) => received.range(..p).next_back().copied(),
+                None => received.iter().next_back().copied(),
             };
+            let Some(upto) = upto else { continue };
             if self.committed.get(&partition).is_none_or(|c| upto > *c) {
                 out.push(StreamPosition {
                     partition,
@@ -347,6 +364,11 @@ impl Aggregator {
         for p in positions {
             let c = self.committed.entry(p.partition).or_insert(p.offset);
             *c = (*c).max(p.offset);
+            if let Some(received) = self.received.get_mut(&p.partition) {
+                // Only what may still be named by a later commit is kept.
+                let keep = received.split_off(&(*c + 1));
+                *received = keep;
+            }
         }
     }
 
@@ -410,6 +432,7 @@ impl Aggregator {
         buffer.bytes = 0;
         buffer.oldest_ms = None;
         buffer.writing += 1;
+        buffer.in_flight.extend(lines.iter().map(|l| l.seq));
         let id = self.id();
         self.in_flight.insert(
             id,

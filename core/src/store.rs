@@ -118,7 +118,9 @@ pub struct LogManifest {
     /// Hex SHA-256 of the log as `text/plain` serves it ([`plain_text_line`] of every line
     /// in order), so a download can be checked.
     pub sha256: String,
-    /// The chunks that hold it, in order.
+    /// The chunks that hold it, in order, as far as the writer of the manifest knows them:
+    /// informational (readers list the stored chunks themselves), and possibly short of
+    /// chunks an earlier aggregator wrote before a restart.
     pub chunks: Vec<ChunkRef>,
 }
 

@@ -91,13 +91,12 @@ pub fn assign_from_pb(m: pb::Assign) -> Result<Assignment, InvalidMessage> {
             })
             .collect(),
         secrets: {
-            let mut names: Vec<String> = m
-                .env
-                .iter()
-                .filter(|e| e.secret)
-                .map(|e| e.name.clone())
-                .collect();
-            names.dedup();
+            let mut names: Vec<String> = Vec::new();
+            for e in m.env.iter().filter(|e| e.secret) {
+                if !names.contains(&e.name) {
+                    names.push(e.name.clone());
+                }
+            }
             names
         },
         env: m.env.into_iter().map(|e| (e.name, e.value)).collect(),

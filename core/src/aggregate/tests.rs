@@ -37,10 +37,12 @@ fn end(job: u64, last_seq: Option<u64>) -> Shipped {
     }
 }
 
-fn at(offset: u64) -> StreamPosition {
+/// The position of the `n`th record: offsets are opaque and need not be consecutive (the
+/// file stream uses byte positions), so the tests space them out.
+fn at(n: u64) -> StreamPosition {
     StreamPosition {
         partition: 0,
-        offset,
+        offset: n * 10 + 7,
     }
 }
 
@@ -160,6 +162,39 @@ fn the_end_is_finished_once_every_line_received_is_stored_and_late_lines_are_dro
     );
 }
 
+#[test]
+fn a_line_sent_again_while_its_chunk_is_being_written_is_a_repeat() {
+    let mut agg = Aggregator::new(small());
+    agg.offer(at(0), line(1, 8), false, 0);
+    agg.offer(at(1), line(1, 9), false, 0);
+    let first = agg.tick(10_000);
+    assert_eq!(
+        first.iter().map(chunk_seqs).collect::<Vec<_>>(),
+        [vec![8, 9]]
+    );
+    // A retried publish delivers 8 and 9 again while chunk-8 is in flight.
+    assert!(agg.offer(at(2), line(1, 8), false, 10_001).is_empty());
+    assert!(agg.offer(at(3), line(1, 9), false, 10_001).is_empty());
+    assert_eq!(agg.stats().repeated, 2);
+    agg.offer(at(4), line(1, 10), false, 10_002);
+    let next = agg.tick(20_000);
+    assert_eq!(
+        next.iter().map(chunk_seqs).collect::<Vec<_>>(),
+        [vec![10]],
+        "never a second chunk-8 with fewer lines racing the first"
+    );
+    assert!(
+        agg.committable().is_empty(),
+        "chunk-8 is not acknowledged yet"
+    );
+    agg.written(id_of(&first[0]), 20_001);
+    assert_eq!(
+        agg.committable(),
+        [at(3)],
+        "the repeats are done with chunk-8"
+    );
+}
+
 /// A store with the chunk semantics of the real ones: a chunk replaces the chunk with the
 /// same first line; reading drops repeated lines.
 #[derive(Debug, Default)]
@@ -186,12 +221,17 @@ impl Store {
 /// `faults` says; returns the store.
 fn run(jobs: &[(u64, u64)], faults: &[u8]) -> Store {
     // The stream: every job's lines then its end, interleaved round-robin in one partition.
+    // Some lines are published twice (a retried publish), right after the first copy.
     let mut stream = Vec::new();
     let longest = jobs.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let mut dup = faults.iter().copied().cycle();
     for seq in 0..=longest {
         for (job, n) in jobs {
             if seq < *n {
                 stream.push(line(*job, seq));
+                if dup.next().unwrap_or(0) % 5 == 0 {
+                    stream.push(line(*job, seq));
+                }
             } else if seq == *n {
                 stream.push(end(*job, n.checked_sub(1)));
             }
@@ -205,6 +245,8 @@ fn run(jobs: &[(u64, u64)], faults: &[u8]) -> Store {
     'incarnation: loop {
         let mut agg = Aggregator::new(small());
         let mut queue: Vec<Action> = Vec::new();
+        // Writes still in flight when the next record comes (they land later, in any order).
+        let mut deferred: Vec<Action> = Vec::new();
         let start = committed.map_or(0, |c| c + 1) as usize;
         let mut next = start;
         loop {
@@ -215,6 +257,7 @@ fn run(jobs: &[(u64, u64)], faults: &[u8]) -> Store {
             }
             queue.extend(agg.tick(now));
             queue.extend(agg.retry_finishes(now));
+            queue.append(&mut deferred);
             // Do (or fail, or crash during) the writes asked for.
             while let Some(action) = queue.pop() {
                 match fault.next().unwrap_or(2) % 8 {
@@ -225,6 +268,10 @@ fn run(jobs: &[(u64, u64)], faults: &[u8]) -> Store {
                     1 if failures < 20 => {
                         failures += 1;
                         agg.failed(id_of(&action));
+                        continue;
+                    }
+                    2 | 3 if next < stream.len() => {
+                        deferred.push(action);
                         continue;
                     }
                     _ => {}
@@ -250,10 +297,15 @@ fn run(jobs: &[(u64, u64)], faults: &[u8]) -> Store {
             }
             let commit = agg.committable();
             if let Some(p) = commit.first() {
-                committed = Some(p.offset);
+                assert_eq!(p.offset % 10, 7, "a commit names a received offset: {p:?}");
+                committed = Some((p.offset - 7) / 10);
                 agg.committed(&commit);
             }
-            if next >= stream.len() && agg.open_attempts() == 0 && queue.is_empty() {
+            if next >= stream.len()
+                && agg.open_attempts() == 0
+                && queue.is_empty()
+                && deferred.is_empty()
+            {
                 return store;
             }
         }
