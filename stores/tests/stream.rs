@@ -342,6 +342,11 @@ mod kafka {
         config
             .extra
             .insert("heartbeat.interval.ms".into(), "500".into());
+        // A JoinGroup request waits up to this + 3 s: the default (5 min) would turn one
+        // slow rebalance into a test that seems to hang.
+        config
+            .extra
+            .insert("max.poll.interval.ms".into(), "10000".into());
         let stream = KafkaLogStream::connect(&config).expect("connect");
         let partitions = stream
             .check_topic(Duration::from_secs(20))

@@ -66,6 +66,23 @@ struct KafkaStreamConsumer {
     partitions: HashMap<i32, Partition>,
 }
 
+impl Drop for KafkaStreamConsumer {
+    fn drop(&mut self) {
+        // rdkafka's consumer drop leaves the group and waits for librdkafka to finish,
+        // with no time limit (rust-rdkafka issue #509): done here, it would block whatever
+        // task drops the consumer, and every future polled with it. The last reference goes
+        // on a thread of its own instead, which ends when librdkafka has let go. Not a
+        // runtime blocking task: the runtime's shutdown would wait for it.
+        let consumer = Arc::clone(&self.consumer);
+        let leave = std::thread::Builder::new()
+            .name("kafka-consumer-close".into())
+            .spawn(move || drop(consumer));
+        if let Err(e) = leave {
+            tracing::warn!(error = %e, "No thread to close a Kafka consumer on; closing it here.");
+        }
+    }
+}
+
 impl std::fmt::Debug for KafkaStreamConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaStreamConsumer")

@@ -26,7 +26,8 @@
 //! recovers from them by itself, as its documentation says): `poll` logs them and goes on,
 //! and fails only on a fatal error. A consumer must `poll` at least every
 //! `max.poll.interval.ms` (5 minutes), or it leaves the group. Dropping it leaves the group
-//! at once, blocking for the time that takes.
+//! at once, on a thread of its own (librdkafka's close can take long; it never blocks the
+//! task that drops the consumer).
 //!
 //! **Malformed messages.** Anything on the topic that is not a [`Shipped`] is skipped,
 //! counted ([`KafkaLogStream::malformed_skipped`]) and logged. It is not returned, so the
