@@ -30,8 +30,9 @@ pub struct Checkout {
     pub sha: String,
 }
 
-/// One attempt of one job, as a cell is asked to run it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One attempt of one job, as a cell is asked to run it. Its `Debug` shows the values of
+/// secret variables as `***` (a debug print must not put a secret in a log).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     /// The job.
     pub job: JobId,
@@ -64,6 +65,39 @@ pub struct Assignment {
     pub pool: String,
     /// The code to check out into the workspace first; `None` runs in an empty workspace.
     pub checkout: Option<Checkout>,
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(name, value)| {
+                let shown = if self.secrets.iter().any(|s| s == name) {
+                    "***"
+                } else {
+                    value.as_str()
+                };
+                (name.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("Assignment")
+            .field("job", &self.job)
+            .field("build", &self.build)
+            .field("project", &self.project)
+            .field("attempt", &self.attempt)
+            .field("fence", &self.fence)
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("steps", &self.steps)
+            .field("env", &env)
+            .field("secrets", &self.secrets)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("resources", &self.resources)
+            .field("pool", &self.pool)
+            .field("checkout", &self.checkout)
+            .finish()
+    }
 }
 
 impl Assignment {
@@ -321,4 +355,42 @@ pub struct JobReport {
 /// the federator serves it.
 pub fn log_file_name(job: JobId) -> String {
     format!("job-{job}.log")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Attempt, BuildId, Fence, JobId, ProjectId};
+
+    #[test]
+    fn an_assignment_printed_for_debugging_shows_no_secret_value() {
+        let a = Assignment {
+            job: JobId(1),
+            build: BuildId(1),
+            project: ProjectId::new("web").expect("valid"),
+            attempt: Attempt::FIRST,
+            fence: Fence(1),
+            name: "test".into(),
+            image: "debian:12".into(),
+            steps: Vec::new(),
+            env: vec![
+                ("TOKEN".into(), "s3cret-value".into()),
+                ("MODE".into(), "fast".into()),
+            ],
+            secrets: vec!["TOKEN".into()],
+            timeout_secs: 60,
+            resources: Resources {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+            pool: "default".into(),
+            checkout: None,
+        };
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("(\"TOKEN\", \"***\")") && shown.contains("\"fast\""),
+            "{shown}"
+        );
+    }
 }
