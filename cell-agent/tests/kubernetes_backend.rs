@@ -910,6 +910,15 @@ impl FakeStandby {
     }
 }
 
+/// Prepares warm runner `runner` of pool `large` in a task (it waits for the pod to be ready).
+fn spawn_prepare(
+    backend: &KubeBackend,
+    runner: RunnerId,
+) -> tokio::task::JoinHandle<Result<(), RunnerError>> {
+    let backend = backend.clone();
+    tokio::spawn(async move { backend.warm().expect("warm").prepare("large", runner).await })
+}
+
 /// A warm pod as the API server returns it, with `status`.
 fn live_warm_pod(sent: &Pod, status: PodStatus) -> Pod {
     let mut pod = sent.clone();
@@ -1025,10 +1034,7 @@ async fn a_warm_pod_is_ready_before_its_job_takes_the_job_through_its_standby_an
     a.resources = LARGE;
     assert!(warm.fits("large", &a));
     let runner = RunnerId(1);
-    let preparing = tokio::spawn({
-        let backend = backend.clone();
-        async move { backend.warm().expect("warm").prepare("large", runner).await }
-    });
+    let preparing = spawn_prepare(&backend, runner);
     let (sent, token) = expect_warm_create(&mut server, &cfg, runner).await;
     let name = sent.metadata.name.clone().expect("named");
     watch.push("ADDED", live_warm_pod(&sent, pending())).await;
@@ -1210,16 +1216,7 @@ async fn retiring_an_idle_warm_pod_deletes_it_and_a_pod_that_cannot_pull_is_not_
     let (backend, mut server) = setup_with_pools(cfg.clone(), warm_pools(&[]));
     let (mut watch, prepull) = server.list_watch_and_prepull(&[]).await;
     prepull.respond(status_error(404, "NotFound"));
-    let preparing = tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            backend
-                .warm()
-                .expect("warm")
-                .prepare("large", RunnerId(1))
-                .await
-        }
-    });
+    let preparing = spawn_prepare(&backend, RunnerId(1));
     let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(1)).await;
     watch
         .push("MODIFIED", live_warm_pod(&sent, warm_running(true)))
@@ -1243,16 +1240,7 @@ async fn retiring_an_idle_warm_pod_deletes_it_and_a_pod_that_cannot_pull_is_not_
     );
 
     // Runner 2's image cannot be pulled: past the deadline it is given up and deleted.
-    let preparing = tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            backend
-                .warm()
-                .expect("warm")
-                .prepare("large", RunnerId(2))
-                .await
-        }
-    });
+    let preparing = spawn_prepare(&backend, RunnerId(2));
     let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(2)).await;
     let mut failing = warm_running(false);
     failing.container_statuses = Some(vec![ContainerStatus {
@@ -1372,16 +1360,7 @@ async fn a_ready_warm_pod_that_dies_before_its_job_is_reported_lost_and_takes_no
     let (mut watch, prepull) = server.list_watch_and_prepull(&[]).await;
     prepull.respond(status_error(404, "NotFound"));
     let warm = backend.warm().expect("warm");
-    let preparing = tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            backend
-                .warm()
-                .expect("warm")
-                .prepare("large", RunnerId(4))
-                .await
-        }
-    });
+    let preparing = spawn_prepare(&backend, RunnerId(4));
     let (sent, _) = expect_warm_create(&mut server, &cfg, RunnerId(4)).await;
     watch
         .push("MODIFIED", live_warm_pod(&sent, warm_running(true)))

@@ -90,6 +90,19 @@ pub fn cell_selector(cell: &CellId) -> String {
 
 /// The labels of an attempt's pod and Secret.
 pub fn labels(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> BTreeMap<String, String> {
+    let mut labels = runner_labels(cfg, cell, &a.pool);
+    labels.extend([
+        (LABEL_JOB.to_owned(), a.job.to_string()),
+        (LABEL_ATTEMPT.to_owned(), a.attempt.to_string()),
+        (LABEL_FENCE.to_owned(), a.fence.to_string()),
+        (LABEL_PROJECT.to_owned(), label_value(a.project.as_str())),
+    ]);
+    labels
+}
+
+/// What every runner pod of `cell`'s `pool` carries: the extra labels of the config, then
+/// the ones the agent and the NetworkPolicies select on.
+fn runner_labels(cfg: &KubeConfig, cell: &CellId, pool: &str) -> BTreeMap<String, String> {
     let mut labels = cfg.pod_labels.clone();
     labels.extend([
         (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
@@ -98,11 +111,7 @@ pub fn labels(cfg: &KubeConfig, cell: &CellId, a: &Assignment) -> BTreeMap<Strin
             "runner".to_owned(),
         ),
         (LABEL_CELL.to_owned(), cell.to_string()),
-        (LABEL_JOB.to_owned(), a.job.to_string()),
-        (LABEL_ATTEMPT.to_owned(), a.attempt.to_string()),
-        (LABEL_FENCE.to_owned(), a.fence.to_string()),
-        (LABEL_PROJECT.to_owned(), label_value(a.project.as_str())),
-        (LABEL_POOL.to_owned(), label_value(&a.pool)),
+        (LABEL_POOL.to_owned(), label_value(pool)),
     ]);
     labels
 }
@@ -507,15 +516,8 @@ pub fn warm_labels(
     pool: &str,
     runner: RunnerId,
 ) -> BTreeMap<String, String> {
-    let mut labels = cfg.pod_labels.clone();
+    let mut labels = runner_labels(cfg, cell, pool);
     labels.extend([
-        (LABEL_MANAGED_BY.to_owned(), "flotilla".to_owned()),
-        (
-            "app.kubernetes.io/component".to_owned(),
-            "runner".to_owned(),
-        ),
-        (LABEL_CELL.to_owned(), cell.to_string()),
-        (LABEL_POOL.to_owned(), label_value(pool)),
         (LABEL_WARM.to_owned(), "true".to_owned()),
         (LABEL_RUNNER.to_owned(), runner.0.to_string()),
     ]);
